@@ -1,0 +1,85 @@
+"""Turn Kafka record values into text, or a DecodeError that names why not.
+
+Valid but unusual text (very long, emoji, right-to-left scripts, NUL
+characters) is accepted; only values that carry no usable text are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from consumers.errors import DecodeError
+from consumers.records import DecodedText, InputRecord
+
+InputFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSettings:
+    """How record values are read: plain UTF-8 text or a JSON object."""
+
+    input_format: InputFormat = "json"
+    text_field: str = "text"
+    id_field: str = "id"
+
+
+def _fallback_id(record: InputRecord) -> str:
+    if record.key is not None:
+        try:
+            key = record.key.decode("utf-8")
+        except UnicodeDecodeError:
+            key = record.key.hex()
+        if key:
+            return key
+    return f"{record.topic}-{record.partition}-{record.offset}"
+
+
+def _scalar_fields(obj: dict[str, Any], skip: str) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in obj.items()
+        if k != skip and isinstance(v, (str, int, float, bool))
+    }
+
+
+def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
+    """Decode one record.
+
+    Returns the text and id; raises :class:`DecodeError` (never anything
+    else) when the value is null/empty, not UTF-8, not a JSON object, or its
+    text field is missing, not a string or blank.
+    """
+    if record.value is None or len(record.value) == 0:
+        raise DecodeError("empty_value", "record value is null or empty")
+    try:
+        raw = record.value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("invalid_utf8", f"value is not valid UTF-8: {exc.reason} at byte {exc.start}") from exc
+    if settings.input_format == "text":
+        if not raw.strip():
+            raise DecodeError("blank_text", "text is blank")
+        return DecodedText(record=record, id=_fallback_id(record), text=raw)
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DecodeError("malformed_json", f"value is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DecodeError("not_an_object", f"JSON value is a {type(obj).__name__}, expected an object")
+    if settings.text_field not in obj:
+        raise DecodeError("missing_text", f"JSON object has no field {settings.text_field!r}")
+    text = obj[settings.text_field]
+    if not isinstance(text, str):
+        raise DecodeError(
+            "text_not_string",
+            f"field {settings.text_field!r} is a {type(text).__name__}, expected a string",
+        )
+    if not text.strip():
+        raise DecodeError("blank_text", f"field {settings.text_field!r} is blank")
+    raw_id = obj.get(settings.id_field)
+    if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id) != "":
+        msg_id = str(raw_id)
+    else:
+        msg_id = _fallback_id(record)
+    return DecodedText(record=record, id=msg_id, text=text, fields=_scalar_fields(obj, settings.text_field))

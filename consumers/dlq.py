@@ -1,0 +1,91 @@
+"""Dead-letter routing (Kafka Connect conventions).
+
+The original key, value and timestamp are kept; headers name the error
+class and message and the source topic, partition and offset. Message
+contents are never logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from consumers.client_config import ConnectionSettings
+from consumers.errors import ConsumerError
+from consumers.records import InputRecord
+
+HEADER_CLASS = "nlpstream.error.class"
+HEADER_MESSAGE = "nlpstream.error.message"
+HEADER_TOPIC = "nlpstream.source.topic"
+HEADER_PARTITION = "nlpstream.source.partition"
+HEADER_OFFSET = "nlpstream.source.offset"
+_MAX_MESSAGE = 1000
+
+
+class DeadLetterError(ConsumerError):
+    """Dead letters could not be delivered; the job must not commit past them."""
+
+    recoverable = True
+
+
+def dlq_headers(record: InputRecord, error_class: str, message: str) -> list[tuple[str, bytes]]:
+    """The five nlpstream headers, appended to the record's own headers."""
+    own = [(k, v if v is not None else b"") for k, v in record.headers]
+    return own + [
+        (HEADER_CLASS, error_class.encode()),
+        (HEADER_MESSAGE, message[:_MAX_MESSAGE].encode("utf-8", "replace")),
+        (HEADER_TOPIC, record.topic.encode()),
+        (HEADER_PARTITION, str(record.partition).encode()),
+        (HEADER_OFFSET, str(record.offset).encode()),
+    ]
+
+
+class DeadLetterQueue:
+    """Sends bad records to one topic; delivered (acks=all) when :meth:`flush` returns."""
+
+    def __init__(self, connection: ConnectionSettings, topic: str, flush_timeout_s: float = 30.0,
+                 producer: Any | None = None) -> None:
+        self.topic = topic
+        self.flush_timeout_s = flush_timeout_s
+        try:
+            self._producer = producer or KafkaProducer(
+                **connection.kafka_kwargs(), acks="all", linger_ms=5, max_request_size=16 * 1024 * 1024
+            )
+        except KafkaError as exc:
+            raise DeadLetterError(f"cannot create the dead-letter producer: {exc}") from exc
+        self._futures: list[Any] = []
+
+    def send(self, record: InputRecord, error_class: str, message: str) -> None:
+        """Queue one dead letter; raises DeadLetterError when the producer refuses it."""
+        try:
+            self._futures.append(
+                self._producer.send(
+                    self.topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=dlq_headers(record, error_class, message),
+                    timestamp_ms=record.timestamp_ms or None,
+                )
+            )
+        except KafkaError as exc:
+            raise DeadLetterError(f"cannot queue a dead letter for {record.topic}-{record.partition}@{record.offset}: {exc}") from exc
+
+    def flush(self) -> int:
+        """Wait until every queued dead letter is acknowledged; returns how many."""
+        if not self._futures:
+            return 0
+        try:
+            self._producer.flush(timeout=self.flush_timeout_s)
+            for fut in self._futures:
+                fut.get(timeout=self.flush_timeout_s)
+        except KafkaError as exc:
+            raise DeadLetterError(f"dead letters not acknowledged by topic {self.topic!r}: {exc}") from exc
+        count = len(self._futures)
+        self._futures.clear()
+        return count
+
+    def close(self) -> None:
+        self.flush()
+        self._producer.close(timeout=self.flush_timeout_s)

@@ -1,0 +1,151 @@
+"""A thin wrapper over kafka-python's consumer that speaks plain records.
+
+Auto-commit is always off: the job commits with :meth:`KafkaInput.commit`
+after its sinks are durable. Rebalance callbacks are forwarded as lists of
+``(topic, partition)``; kafka-python runs them on its IO thread while the
+caller is inside :meth:`poll`, so they must not call back into this consumer
+except :meth:`seek` (a local operation).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from consumers.client_config import ConnectionSettings
+from consumers.errors import ConsumerError, KafkaUnavailableError
+from consumers.records import InputRecord
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+PartitionsCallback = Callable[[list[TP]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    """Group consumption settings."""
+
+    topics: tuple[str, ...]
+    group_id: str
+    auto_offset_reset: str = "earliest"
+    max_poll_records: int = 512
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 45_000
+    max_partition_fetch_bytes: int = 8 * 1024 * 1024
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, assigned: PartitionsCallback, revoked: PartitionsCallback, lost: PartitionsCallback) -> None:
+        self._assigned, self._revoked, self._lost = assigned, revoked, lost
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._assigned(sorted((tp.topic, tp.partition) for tp in assigned))
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._revoked(sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self._lost(sorted((tp.topic, tp.partition) for tp in lost))
+
+
+class KafkaInput:
+    """Subscribes to topics as one member of a consumer group.
+
+    Raises KafkaUnavailableError (recoverable) when the brokers cannot be
+    reached at start-up.
+    """
+
+    def __init__(
+        self,
+        connection: ConnectionSettings,
+        settings: ConsumerSettings,
+        on_assigned: PartitionsCallback,
+        on_revoked: PartitionsCallback,
+        on_lost: PartitionsCallback,
+    ) -> None:
+        try:
+            self._consumer = KafkaConsumer(
+                **connection.kafka_kwargs(),
+                group_id=settings.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=settings.auto_offset_reset,
+                max_poll_records=settings.max_poll_records,
+                max_poll_interval_ms=settings.max_poll_interval_ms,
+                session_timeout_ms=settings.session_timeout_ms,
+                max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+            )
+        except KafkaError as exc:
+            raise KafkaUnavailableError(f"cannot connect to Kafka at {connection.bootstrap_servers}: {exc}") from exc
+        self._consumer.subscribe(list(settings.topics), listener=_Listener(on_assigned, on_revoked, on_lost))
+
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list[InputRecord]:
+        """Fetch available records (waits at most ``timeout_s``), in offset order per partition."""
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        out: list[InputRecord] = []
+        for records in batches.values():
+            for r in records:
+                out.append(
+                    InputRecord(
+                        topic=r.topic,
+                        partition=r.partition,
+                        offset=r.offset,
+                        key=r.key,
+                        value=r.value,
+                        timestamp_ms=int(r.timestamp) if r.timestamp is not None and r.timestamp >= 0 else 0,
+                        headers=tuple((k, v) for k, v in (r.headers or [])),
+                    )
+                )
+        return out
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Set the next offset to fetch for an assigned partition (safe inside callbacks)."""
+        self._consumer.seek(TopicPartition(topic, partition), offset)
+
+    def commit(self, offsets: dict[TP, int]) -> bool:
+        """Commit ``next offset to read`` per partition; only the job calls this.
+
+        Returns False when the group rebalanced and the commit was refused
+        (the records will be redelivered; the job's resume logic handles it).
+        Raises ConsumerError on other failures.
+        """
+        if not offsets:
+            return True
+        payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        try:
+            self._consumer.commit(payload)
+        except CommitFailedError as exc:
+            log.warning("offset commit refused after a rebalance: %s", exc)
+            return False
+        except KafkaError as exc:
+            raise ConsumerError(f"offset commit failed: {exc}") from exc
+        return True
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset for a partition (network call; not from callbacks)."""
+        return self._consumer.committed(TopicPartition(topic, partition))
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """Last known end offset of an assigned partition, or None before the first fetch."""
+        try:
+            return self._consumer.highwater(TopicPartition(topic, partition))
+        except KafkaError:
+            return None
+
+    def assignment(self) -> list[TP]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def pause(self, partitions: Iterable[TP]) -> None:
+        self._consumer.pause(*(TopicPartition(t, p) for t, p in partitions))
+
+    def resume(self, partitions: Iterable[TP]) -> None:
+        self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
+
+    def close(self) -> None:
+        """Leave the group (the revoke callback runs first). Never commits by itself."""
+        self._consumer.close(autocommit=False)

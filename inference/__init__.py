@@ -1,0 +1,55 @@
+"""Model loading, batching and device execution for nlpstream.
+
+Knows nothing of Kafka or sinks. The stable entry point is
+:func:`load_engine`; an :class:`Engine` labels texts with
+:class:`Prediction` results.
+"""
+
+from __future__ import annotations
+
+from inference.errors import DeviceError, InferenceError, ModelLoadError, TextError, UnsafeModelError
+from inference.types import Prediction
+
+__all__ = [
+    "DeviceError",
+    "Engine",
+    "InferenceError",
+    "ModelLoadError",
+    "Prediction",
+    "TextError",
+    "UnsafeModelError",
+    "load_engine",
+]
+
+
+def load_engine(
+    model: str = "builtin:sentiment",
+    devices: str = "auto",
+    precision: str = "auto",
+    max_batch_tokens: int = 16384,
+    max_batch_size: int = 256,
+    long_text: str = "truncate",
+) -> "Engine":
+    """Load ``model`` onto ``devices`` and return a ready :class:`Engine`.
+
+    ``model``: ``builtin:sentiment``, a local Hugging Face
+    sequence-classification directory (safetensors only) or a cached hub id.
+    ``devices``: ``auto``, ``cpu``, ``cpu:N``, ``cuda``, ``cuda:0,cuda:1``.
+    ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+    Raises ModelLoadError / UnsafeModelError / DeviceError.
+    """
+    from inference.devices import parse_devices
+    from inference.engine import Engine
+    from inference.model import load_model
+
+    device_list = parse_devices(devices)
+    bundle = load_model(model)
+    return Engine(bundle, device_list, precision, max_batch_tokens, max_batch_size, long_text)
+
+
+def __getattr__(name: str) -> object:
+    if name == "Engine":
+        from inference.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

@@ -1,0 +1,62 @@
+"""Token-budget batching: pure CPU logic, no torch.
+
+Texts are sorted by token length and cut into batches whose padded size
+(``longest length x count``) stays within ``max_batch_tokens`` and whose count
+stays within ``max_batch_size``. Sorting keeps padding small; the caller maps
+results back to its own order through the indices each batch carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Indices into the caller's list, longest first, and the padded length."""
+
+    indices: tuple[int, ...]
+    padded_length: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.padded_length * len(self.indices)
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int) -> list[Batch]:
+    """Cut ``lengths`` (token counts per text) into length-sorted batches.
+
+    Guarantees: every index appears in exactly one batch; each batch has at
+    most ``max_batch_size`` items; its padded size is at most
+    ``max_batch_tokens`` unless a single text is longer than the budget, in
+    which case that text gets a batch of its own. Raises ValueError on
+    non-positive limits.
+    """
+    if max_batch_tokens <= 0 or max_batch_size <= 0:
+        raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and max_batch_size ({max_batch_size}) must be positive")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[Batch] = []
+    current: list[int] = []
+    longest = 0
+    for idx in order:
+        length = max(1, lengths[idx])
+        if current:
+            longest_if_added = max(longest, length)
+            if len(current) + 1 > max_batch_size or longest_if_added * (len(current) + 1) > max_batch_tokens:
+                batches.append(Batch(tuple(current), longest))
+                current, longest = [], 0
+        current.append(idx)
+        longest = max(longest, length)
+    if current:
+        batches.append(Batch(tuple(current), longest))
+    return batches
+
+
+def padding_share(lengths: Sequence[int], batches: Sequence[Batch]) -> float:
+    """Share of padded positions that are padding (0.0 = none)."""
+    total = sum(b.padded_tokens for b in batches)
+    if total == 0:
+        return 0.0
+    real = sum(max(1, lengths[i]) for b in batches for i in b.indices)
+    return 1.0 - real / total

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the inference engine (process-global by design)."""
+
+from prometheus_client import Counter, Histogram
+
+BATCH_SECONDS = Histogram(
+    "nlpstream_inference_batch_seconds",
+    "Time one device spent on one batch (forward pass and copy back).",
+    ["device"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+BATCH_TEXTS = Histogram(
+    "nlpstream_inference_batch_texts",
+    "Texts per device batch.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+BATCH_TOKENS = Histogram(
+    "nlpstream_inference_batch_tokens",
+    "Padded tokens per device batch.",
+    buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+)
+PADDING_SHARE = Histogram(
+    "nlpstream_inference_padding_share",
+    "Share of padded token positions in a batch that are padding.",
+    buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+)
+DEVICE_FAILURES = Counter(
+    "nlpstream_inference_device_failures_total",
+    "Batches that failed on a device (the batch is rerun elsewhere or split).",
+    ["device", "reason"],
+)

@@ -1,0 +1,236 @@
+"""The ``nlpstream`` command line: stream, backfill, classify, demo, kafka-local, bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jobs.config import BackfillConfig, ConfigError, StreamConfig, load_config
+
+app = typer.Typer(help="Label Kafka text streams with Transformer classifiers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+kafka_app = typer.Typer(help="A real local Apache Kafka broker (KRaft) for development and tests.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka-local")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (sections: kafka, input, model, output, alerts, metrics).")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="builtin:sentiment, a local Hugging Face directory or a cached hub id.")]
+DevicesOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cpu:N, cuda, cuda:0,cuda:1.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def stream(
+    config: ConfigOpt = None,
+    bootstrap_servers: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers host:port[,host:port].")] = None,
+    topic: Annotated[Optional[list[str]], typer.Option("--topic", help="Topic to consume (repeatable).")] = None,
+    group_id: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="text or json.")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="JSON field with the text.")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="JSON field with the id.")] = None,
+    model: ModelOpt = None,
+    devices: DevicesOpt = None,
+    precision: PrecisionOpt = None,
+    output: Annotated[Optional[str], typer.Option(help="Output folder or fsspec URL.")] = None,
+    no_text: Annotated[Optional[bool], typer.Option("--no-text", help="Leave the text column out.")] = None,
+    flush_interval: Annotated[Optional[float], typer.Option(help="Seconds between file flushes and commits.")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Port of /metrics (0 picks a free one).")] = None,
+    metrics_host: Annotated[Optional[str], typer.Option(help="Bind address of /metrics.")] = None,
+    dlq_topic: Annotated[Optional[str], typer.Option(help="Dead-letter topic (default <topic>.dlq).")] = None,
+    alert_topic: Annotated[Optional[str], typer.Option(help="Kafka topic for alerts.")] = None,
+    alert_file: Annotated[Optional[str], typer.Option(help="JSONL file for alerts.")] = None,
+    alert_key_field: Annotated[Optional[str], typer.Option(help="JSON field for the per-key window rule.")] = None,
+    max_messages: Annotated[Optional[int], typer.Option(help="Stop after this many messages.")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Consume topics, classify, write Parquet and alerts, commit after files are durable.
+
+    SIGTERM/SIGINT: stop polling, finish the batch in hand, flush, commit, exit 0.
+    """
+    _setup_logging(verbose)
+    overrides = {
+        "kafka.bootstrap_servers": bootstrap_servers, "kafka.topics": topic, "kafka.group_id": group_id,
+        "kafka.dlq_topic": dlq_topic, "input.input_format": input_format, "input.text_field": text_field,
+        "input.id_field": id_field, "model.model": model, "model.devices": devices, "model.precision": precision,
+        "output.output": output, "output.include_text": False if no_text else None,
+        "output.flush_interval": flush_interval, "metrics.metrics_port": metrics_port,
+        "metrics.metrics_host": metrics_host, "alerts.alert_topic": alert_topic, "alerts.alert_file": alert_file,
+        "alerts.window_key_field": alert_key_field, "max_messages": max_messages, "idle_timeout": idle_timeout,
+    }
+    try:
+        cfg = load_config(StreamConfig, config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not cfg.kafka.topics:
+        _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
+    from jobs.stream import StreamJob
+
+    job = StreamJob(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: job.stop())
+    signal.signal(signal.SIGINT, lambda *_: job.stop())
+    summary = job.run()
+    logging.getLogger("nlpstream").info(
+        "stopped: consumed=%d labeled=%d dead_lettered=%d skipped=%d alerts=%d files=%d",
+        summary.consumed, summary.labeled, summary.dead_lettered, summary.skipped, summary.alerts, len(summary.files),
+    )
+
+
+@app.command()
+def backfill(
+    input: Annotated[list[Path], typer.Option("--input", help="JSONL, CSV or Parquet file (repeatable).")],
+    output: Annotated[Optional[str], typer.Option(help="Output folder or fsspec URL.")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    devices: DevicesOpt = None,
+    precision: PrecisionOpt = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Column with the text.")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="Column with the id.")] = None,
+    topic_name: Annotated[Optional[str], typer.Option(help="Hive 'topic' key of the output.")] = None,
+) -> None:
+    """Re-label files with the same engine and output schema, with a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from inference import load_engine
+    from jobs.backfill import BackfillError, run_backfill
+
+    try:
+        cfg = load_config(BackfillConfig, config, {
+            "output.output": output, "model.model": model, "model.devices": devices, "model.precision": precision,
+            "text_field": text_field, "id_field": id_field, "topic_name": topic_name,
+        })
+    except ConfigError as exc:
+        _fail(str(exc))
+    missing = [str(p) for p in input if not p.exists()]
+    if missing:
+        _fail(f"input not found: {', '.join(missing)}")
+    console = Console(stderr=True)
+    m = cfg.model
+    with load_engine(m.model, m.devices, m.precision, m.max_batch_tokens, m.max_batch_size) as engine:
+        with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as progress:
+            try:
+                summary = run_backfill(cfg, list(input), engine, progress)
+            except BackfillError as exc:
+                _fail(str(exc))
+    console.print(f"labeled {summary.rows} rows ({summary.skipped} skipped: empty or non-string text) "
+                  f"in {summary.seconds:.1f}s into {len(summary.files)} files under {cfg.output.output}; "
+                  f"labels: {dict(summary.labels)}")
+
+
+@app.command()
+def classify(
+    file: Annotated[Optional[Path], typer.Argument(help="Text file, one text per line (default: stdin).")] = None,
+    model: ModelOpt = None,
+    devices: DevicesOpt = None,
+    precision: PrecisionOpt = None,
+    probs: Annotated[bool, typer.Option(help="Include per-label probabilities.")] = False,
+) -> None:
+    """Label lines from a file or stdin and print JSON lines."""
+    from inference import load_engine
+
+    source = file.open(encoding="utf-8") if file else sys.stdin
+    lines = [line.rstrip("\n") for line in source]
+    texts = [t for t in lines if t.strip()]
+    with load_engine(model or "builtin:sentiment", devices or "auto", precision or "auto") as engine:
+        preds = engine.classify(texts)
+    for text, pred in zip(texts, preds):
+        out = {"text": text, "label": pred.label, "score": round(pred.score, 6)}
+        if probs:
+            out["probs"] = {k: round(v, 6) for k, v in pred.probs.items()}
+        typer.echo(json.dumps(out, ensure_ascii=False))
+
+
+@app.command()
+def demo(
+    messages: Annotated[int, typer.Option(help="Messages to produce.")] = 600,
+    output: Annotated[Path, typer.Option(help="Where output is left.")] = Path("nlpstream-demo-output"),
+    data_dir: Annotated[Optional[Path], typer.Option(help="Broker data folder (default in the cache).")] = None,
+    keep_broker: Annotated[bool, typer.Option(help="Leave the local broker running.")] = False,
+    devices: DevicesOpt = None,
+) -> None:
+    """Start a local broker, produce sample traffic, run the stream job, print a summary."""
+    _setup_logging(False)
+    logging.getLogger().setLevel(logging.WARNING)
+    from jobs.demo import run_demo
+
+    run_demo(messages=messages, output=output, data_dir=data_dir, keep_broker=keep_broker, devices=devices or "auto")
+
+
+@kafka_app.command("start")
+def kafka_start(
+    port: Annotated[int, typer.Option(help="Broker port (0 picks a free one).")] = 9092,
+    data_dir: Annotated[Path, typer.Option(help="Data folder (logs, pid, config).")] = Path(".nlpstream-kafka"),
+    version: Annotated[str, typer.Option(help="Apache Kafka version (4.x).")] = "",
+) -> None:
+    """Start a single-node KRaft broker in the background; returns once it accepts clients."""
+    from consumers import KafkaLocalError
+    from consumers.kafka_local import DEFAULT_KAFKA_VERSION, start
+
+    try:
+        info = start(data_dir, port=port, version=version or DEFAULT_KAFKA_VERSION)
+    except KafkaLocalError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps({"bootstrap_servers": info.bootstrap_servers, "pid": info.pid, "data_dir": info.data_dir}))
+
+
+@kafka_app.command("stop")
+def kafka_stop(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-kafka")) -> None:
+    """Stop the broker started with this data folder."""
+    from consumers.kafka_local import stop
+
+    typer.echo("stopped" if stop(data_dir) else "not running")
+
+
+@kafka_app.command("status")
+def kafka_status(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-kafka")) -> None:
+    """Report whether the broker of this data folder runs; exit 1 when it does not."""
+    from consumers.kafka_local import status
+
+    info, running = status(data_dir)
+    typer.echo(json.dumps({"running": running, "bootstrap_servers": info.bootstrap_servers if info else None,
+                           "pid": info.pid if info else None}))
+    if not running:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    texts: Annotated[int, typer.Option(help="Corpus size.")] = 2000,
+    model: ModelOpt = None,
+    devices: DevicesOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
+    skip_pipeline: Annotated[bool, typer.Option(help="Skip the transformers.pipeline baseline.")] = False,
+) -> None:
+    """Compare the engine with transformers.pipeline on one mixed-length corpus, side by side."""
+    from inference.bench import run_bench
+
+    result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices or "auto",
+                       include_pipeline=not skip_pipeline, echo=typer.echo)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed configuration: one model per concern, combined into the job configs.
+
+Precedence, highest first: CLI flags, ``NLPSTREAM_`` environment variables
+(nested with ``__``, e.g. ``NLPSTREAM_KAFKA__BOOTSTRAP_SERVERS``), the YAML
+file given with ``--config``, then the defaults below. Secrets are
+``SecretStr``: never printed, logged or exported as metrics; they can also
+come from files (``NLPSTREAM_KAFKA__SASL_PASSWORD_FILE``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the fields and values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(_Section):
+    """Kafka connection and consumption."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    topics: list[str] = Field(default_factory=list, description="Topics to consume (at least one for stream).")
+    group_id: str = Field("nlpstream", description="Consumer group id; offsets are committed under it.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts.")
+    dlq_topic: str | None = Field(None, description="Dead-letter topic; default '<first topic>.dlq'.")
+    max_poll_records: int = Field(512, ge=1, description="Most records handled per micro-batch.")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="Group eviction if no poll in this time.")
+    session_timeout_ms: int = Field(45_000, ge=1000, description="Group session timeout.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
+    sasl_password_file: Path | None = Field(None, description="Read the SASL password from this file.")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+
+    @field_validator("topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    def password(self) -> str | None:
+        """The SASL password from the value or the file (never logged)."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        return None
+
+
+class InputConfig(_Section):
+    """How record values are decoded."""
+
+    input_format: Literal["text", "json"] = Field("json", description="Plain UTF-8 text or a JSON object.")
+    text_field: str = Field("text", description="JSON field holding the text.")
+    id_field: str = Field("id", description="JSON field holding the message id.")
+
+
+class ModelConfig(_Section):
+    """Which model runs where."""
+
+    model: str = Field("builtin:sentiment", description="builtin:sentiment, a local HF directory or a cached hub id.")
+    devices: str = Field("auto", description="auto, cpu, cpu:N, cuda, cuda:0,cuda:1.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens per device batch.")
+    max_batch_size: int = Field(256, ge=1, description="Texts per device batch.")
+
+
+class OutputConfig(_Section):
+    """Where and how Parquet files are written."""
+
+    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL.")
+    include_text: bool = Field(True, description="Write the text column.")
+    flush_interval: float = Field(10.0, gt=0, description="Seconds between file flushes (and commits).")
+    max_buffered_rows: int = Field(50_000, ge=1, description="Flush early when this many rows are buffered.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class AlertConfig(_Section):
+    """Alert rules and where alerts go."""
+
+    alert_topic: str | None = Field(None, description="Kafka topic for alerts.")
+    alert_file: str | None = Field(None, description="JSONL file alerts are appended to.")
+    message_label: str = Field("negative", description="Label the rules watch.")
+    message_min_score: float | None = Field(0.97, ge=0, le=1, description="Alert on one message at/above this score; null disables.")
+    window_key_field: str | None = Field(None, description="JSON field(s) to group by, first present wins (e.g. 'customer,ticker'); null disables.")
+    window_seconds: float = Field(300.0, gt=0, description="Sliding window length in event time.")
+    window_min_count: int = Field(5, ge=1, description="Messages needed in the window before the share counts.")
+    window_share: float = Field(0.6, gt=0, le=1, description="Share of watched labels that fires the window rule.")
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
+    metrics_port: int | None = Field(9108, ge=0, le=65535, description="Port of /metrics; null disables, 0 picks one.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics.")
+
+
+class _BaseJobConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NLPSTREAM_", env_nested_delimiter="__", extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as JSON-able data with secrets masked."""
+        return self.model_dump(mode="json")
+
+
+class StreamConfig(_BaseJobConfig):
+    """Everything ``nlpstream stream`` needs."""
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    alerts: AlertConfig = Field(default_factory=AlertConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    max_messages: int | None = Field(None, ge=1, description="Stop after this many input messages (demo, tests).")
+    idle_timeout: float | None = Field(None, gt=0, description="Stop after this many seconds with no input.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamConfig":
+        if self.kafka.dlq_topic is not None and self.kafka.dlq_topic in self.kafka.topics:
+            raise ValueError(f"kafka.dlq_topic ({self.kafka.dlq_topic!r}) must differ from kafka.topics ({self.kafka.topics})")
+        if self.alerts.alert_topic is not None and self.alerts.alert_topic in self.kafka.topics:
+            raise ValueError(f"alerts.alert_topic ({self.alerts.alert_topic!r}) must differ from kafka.topics ({self.kafka.topics})")
+        if self.kafka.sasl_password is not None and self.kafka.sasl_password_file is not None:
+            raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both")
+        return self
+
+    def dlq_topic(self) -> str:
+        return self.kafka.dlq_topic or f"{self.kafka.topics[0]}.dlq"
+
+
+class BackfillConfig(_BaseJobConfig):
+    """Everything ``nlpstream backfill`` needs."""
+
+    text_field: str = Field("text", description="Column / field holding the text.")
+    id_field: str = Field("id", description="Column / field holding the id (row number when absent).")
+    topic_name: str = Field("backfill", description="Value of the hive 'topic' folder key for backfill output.")
+    rows_per_file: int = Field(100_000, ge=1, description="Rows per output file.")
+
+
+def _deep_set(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = value
+
+
+def load_config(cls: type[_BaseJobConfig], config_file: Path | None, overrides: dict[str, Any]) -> Any:
+    """Build ``cls`` from YAML < env < ``overrides`` (dotted keys; None values are ignored).
+
+    Raises ConfigError with the field names and values when anything is invalid.
+    """
+    from pydantic import ValidationError
+
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        file_data = loaded
+    cli: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is not None and value != []:
+            _deep_set(cli, dotted, value)
+
+    class _WithFile(cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls_,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_data))
+
+    try:
+        merged = _WithFile(**cli)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from exc
+    return cls.model_construct(**{name: getattr(merged, name) for name in cls.model_fields})
+
+
+def _explain(exc: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        value = err.get("input")
+        if isinstance(value, (dict, list)) or value is None:
+            lines.append(f"{where}: {err['msg']}")
+            continue
+        shown = "<secret>" if "password" in where else repr(value)[:80]
+        lines.append(f"{where}: {err['msg']} (got {shown})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

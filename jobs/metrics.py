@@ -1,0 +1,36 @@
+"""Prometheus metrics of the jobs and the /metrics endpoint."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+CONSUMED = Counter("nlpstream_messages_consumed_total", "Records polled from Kafka (duplicates skipped excluded).", ["topic"])
+LABELED = Counter("nlpstream_messages_labeled_total", "Messages labeled and written to durable Parquet files.", ["topic"])
+DEAD_LETTERED = Counter("nlpstream_messages_dead_lettered_total", "Messages sent to the dead-letter topic.", ["topic", "reason"])
+ALERTED = Counter("nlpstream_messages_alerted_total", "Alerts fired by the rules.", ["kind"])
+SKIPPED = Counter("nlpstream_messages_skipped_total", "Records skipped because durable files already hold them.", ["topic"])
+BATCH_TEXTS = Histogram(
+    "nlpstream_batch_texts", "Texts per micro-batch handed to the engine.",
+    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+BATCH_TOKENS = Histogram(
+    "nlpstream_batch_tokens", "Tokens (unpadded) per micro-batch handed to the engine.",
+    buckets=(16, 64, 256, 1024, 4096, 16384, 65536, 262144),
+)
+INFERENCE_SECONDS = Histogram(
+    "nlpstream_inference_seconds", "Engine time per micro-batch (tokenize, batch, forward).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+END_TO_END_SECONDS = Histogram(
+    "nlpstream_end_to_end_seconds", "From the record's Kafka timestamp to its row being durable.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
+)
+CONSUMER_LAG = Gauge("nlpstream_consumer_lag", "Records behind the partition's end offset.", ["topic", "partition"])
+COMMITS = Counter("nlpstream_offset_commits_total", "Offset commits by outcome.", ["outcome"])
+SINK_RETRIES = Counter("nlpstream_sink_retries_total", "Flushes retried after a sink or DLQ failure.")
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Start /metrics on ``host:port`` in a daemon thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_address[1])

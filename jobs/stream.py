@@ -1,0 +1,388 @@
+"""The stream job: Kafka -> decode -> classify -> Parquet + alerts -> commit.
+
+Guarantees (see README "Delivery guarantees"):
+- offsets are committed only after the Parquet files holding those rows,
+  the dead letters and the alerts of the same records are durable;
+- on partition assignment the job resumes after the last offset held by the
+  finished files (file names carry offsets), skipping anything older, so a
+  crash at any point yields no lost and no duplicate rows;
+- bad records go to the dead-letter topic with a reason; the loop goes on.
+
+Threading: kafka-python runs rebalance callbacks on its IO thread while the
+main loop is inside ``poll``; callbacks and the loop share state under one
+lock, and callbacks never commit (kafka-python forbids blocking consumer
+calls there): the next owner resumes from the files instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from consumers.client_config import ConnectionSettings
+from consumers.dlq import DeadLetterError, DeadLetterQueue
+from consumers.kafka_input import ConsumerSettings, KafkaInput
+from inference import DeviceError, Engine, Prediction, load_engine
+from jobs import metrics
+from jobs.alerts import AlertRules, LabeledMessage
+from jobs.config import StreamConfig
+from sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError
+
+log = logging.getLogger(__name__)
+TP = tuple[str, int]
+_MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class StreamSummary:
+    """What one run of the stream job did."""
+
+    consumed: int = 0
+    labeled: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    alerts: int = 0
+    files: list[str] = field(default_factory=list)
+    labels: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.labeled / self.seconds if self.seconds > 0 else 0.0
+
+
+def connection_settings(config: StreamConfig) -> ConnectionSettings:
+    """Connection settings for kafka-python clients, secrets resolved at the last moment."""
+    k = config.kafka
+    return ConnectionSettings(
+        bootstrap_servers=k.bootstrap_servers,
+        security_protocol=k.security_protocol,
+        sasl_mechanism=k.sasl_mechanism,
+        sasl_username=k.sasl_username,
+        sasl_password=k.password(),
+        ssl_cafile=k.ssl_cafile,
+        ssl_certfile=k.ssl_certfile,
+        ssl_keyfile=k.ssl_keyfile,
+        ssl_password=k.ssl_password.get_secret_value() if k.ssl_password else None,
+    )
+
+
+class StreamJob:
+    """One member of the consumer group. ``run()`` blocks until :meth:`stop` or a stop condition."""
+
+    def __init__(self, config: StreamConfig, engine: Engine | None = None) -> None:
+        if not config.kafka.topics:
+            raise ValueError("kafka.topics is empty: give at least one --topic")
+        self.config = config
+        self._engine = engine
+        self._owns_engine = engine is None
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._decode = DecodeSettings(config.input.input_format, config.input.text_field, config.input.id_field)
+        self._next: dict[TP, int] = {}  # next offset to accept per partition
+        self._pending: dict[TP, int] = {}  # next offsets of records handled but not yet durable
+        self._durable: dict[TP, int] = {}  # next offsets durable but not yet committed
+        self._buffered_rows: list[tuple[str, int, int, str]] = []  # (topic, partition, event ms, label) not yet durable
+        self._dlq_pending: list[tuple[str, str]] = []  # (topic, reason)
+        self._alerts_pending = 0
+        self.summary = StreamSummary()
+        self.metrics_port: int | None = None
+        self._rules = AlertRules(config.alerts)
+        self._paused = False
+
+    # -- control --------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, flush, commit and return (signal-safe)."""
+        self._stop.set()
+
+    # -- main loop --------------------------------------------------------------
+    def run(self) -> StreamSummary:
+        cfg = self.config
+        started = time.monotonic()
+        if cfg.metrics.metrics_port is not None:
+            self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
+        if self._engine is None:
+            m = cfg.model
+            self._engine = load_engine(m.model, m.devices, m.precision, m.max_batch_tokens, m.max_batch_size)
+        conn = connection_settings(cfg)
+        self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
+                                 "none" if cfg.output.compression == "none" else cfg.output.compression)
+        self._dlq = DeadLetterQueue(conn, cfg.dlq_topic())
+        self._alert_sinks: list[AlertSink] = []
+        self._alert_producer = None
+        if cfg.alerts.alert_file:
+            self._alert_sinks.append(FileAlertSink(cfg.alerts.alert_file))
+        if cfg.alerts.alert_topic:
+            from kafka import KafkaProducer
+
+            self._alert_producer = KafkaProducer(**conn.kafka_kwargs(), acks="all")
+            self._alert_sinks.append(KafkaAlertSink(self._alert_producer, cfg.alerts.alert_topic))
+        settings = ConsumerSettings(
+            topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,
+            auto_offset_reset=cfg.kafka.auto_offset_reset, max_poll_records=cfg.kafka.max_poll_records,
+            max_poll_interval_ms=cfg.kafka.max_poll_interval_ms, session_timeout_ms=cfg.kafka.session_timeout_ms,
+        )
+        self._input = KafkaInput(conn, settings, self._on_assigned, self._on_revoked, self._on_lost)
+        last_flush = last_input = time.monotonic()
+        backoff = 0.0
+        next_flush_try = 0.0
+        try:
+            while not self._stop.is_set():
+                records = self._input.poll(timeout_s=0.5, max_records=cfg.kafka.max_poll_records)
+                now = time.monotonic()
+                with self._lock:
+                    accepted = [r for r in records if self._accept(r)]
+                    if accepted:
+                        last_input = now
+                        self._handle(accepted)
+                    due = (now - last_flush >= cfg.output.flush_interval
+                           or self._sink.buffered >= cfg.output.max_buffered_rows)
+                    if due and now >= next_flush_try and self._has_pending():
+                        if self._flush():
+                            last_flush, backoff = now, 0.0
+                        else:
+                            backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
+                            next_flush_try = now + backoff
+                    elif due and not self._has_pending():
+                        last_flush = now
+                    self._apply_backpressure()
+                self._commit()
+                self._update_lag()
+                if cfg.max_messages is not None and self.summary.consumed + self.summary.skipped >= cfg.max_messages:
+                    break
+                if cfg.idle_timeout is not None and now - last_input >= cfg.idle_timeout:
+                    break
+            self._final_flush()
+        finally:
+            self._close()
+            self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _final_flush(self) -> None:
+        """Flush what is in hand, retrying with backoff for a while; then commit."""
+        deadline = time.monotonic() + 60.0
+        delay = 0.5
+        while True:
+            with self._lock:
+                if not self._has_pending() or self._flush():
+                    break
+            if time.monotonic() >= deadline:
+                log.error("final flush failed for 60s; uncommitted records will be redelivered")
+                break
+            time.sleep(delay)
+            delay = min(_MAX_BACKOFF_S, delay * 2)
+        self._commit()
+
+    # -- per batch ----------------------------------------------------------------
+    def _accept(self, record: InputRecord) -> bool:
+        tp = (record.topic, record.partition)
+        floor = self._next.get(tp)
+        if floor is not None and record.offset < floor:
+            metrics.SKIPPED.labels(record.topic).inc()
+            self.summary.skipped += 1
+            return False
+        self._next[tp] = record.offset + 1
+        metrics.CONSUMED.labels(record.topic).inc()
+        self.summary.consumed += 1
+        return True
+
+    def _handle(self, records: list[InputRecord]) -> None:
+        good = []
+        for record in records:
+            try:
+                good.append(decode_record(record, self._decode))
+            except DecodeError as exc:
+                self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
+        if good:
+            assert self._engine is not None
+            texts = [d.text for d in good]
+            metrics.BATCH_TEXTS.observe(len(texts))
+            start = time.perf_counter()
+            results = self._classify_isolating(texts)
+            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+            processed_at = int(time.time() * 1000)
+            rows: list[OutputRow] = []
+            labeled: list[LabeledMessage] = []
+            key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
+            for decoded, result in zip(good, results):
+                rec = decoded.record
+                if isinstance(result, BaseException):
+                    self._dead_letter(rec, type(result).__name__, f"classification failed: {result}", "inference")
+                    continue
+                event_ms = rec.timestamp_ms or processed_at
+                rows.append(OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label,
+                                      result.score, event_ms, processed_at, self._engine.model_name))
+                key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None)
+                labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
+                                              result.score, event_ms, None if key is None else str(key)))
+            self._sink.write(rows)
+            self._buffered_rows.extend((r.topic, r.partition, r.event_time_ms, r.label) for r in rows)
+            alerts = self._rules.evaluate(labeled)
+            for alert in alerts:
+                metrics.ALERTED.labels(alert.kind).inc()
+            for sink in self._alert_sinks:
+                sink.write(alerts)
+            self._alerts_pending += len(alerts)
+        for record in records:
+            tp = (record.topic, record.partition)
+            self._pending[tp] = max(self._pending.get(tp, 0), record.offset + 1)
+
+    def _classify_isolating(self, texts: list[str]) -> list[Prediction | BaseException]:
+        """Classify; when the batch fails, bisect so only the failing texts are dead-lettered.
+
+        DeviceError (every device gone) is fatal and propagates.
+        """
+        assert self._engine is not None
+        try:
+            metrics.BATCH_TOKENS.observe(sum(len(x) for x in self._engine.tokenize(texts)))
+            return list(self._engine.classify(texts))
+        except DeviceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the texts that make the model raise
+            if len(texts) == 1:
+                return [exc]
+            half = len(texts) // 2
+            return self._classify_isolating(texts[:half]) + self._classify_isolating(texts[half:])
+
+    def _dead_letter(self, record: InputRecord, error_class: str, message: str, reason: str) -> None:
+        self._dlq.send(record, error_class, message)
+        self._dlq_pending.append((record.topic, reason))
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def _flush(self) -> bool:
+        """Make everything handled durable (DLQ, files, alerts); True on success. Caller holds the lock."""
+        try:
+            self._dlq.flush()
+            files = self._sink.flush()
+            for sink in self._alert_sinks:
+                sink.flush()
+        except (DeadLetterError, SinkError) as exc:
+            metrics.SINK_RETRIES.inc()
+            log.warning("flush failed, will retry without committing: %s", exc)
+            return False
+        now_ms = time.time() * 1000
+        for topic, _, event_ms, label in self._buffered_rows:
+            self.summary.labels[label] += 1
+            metrics.LABELED.labels(topic).inc()
+            metrics.END_TO_END_SECONDS.observe(max(0.0, (now_ms - event_ms) / 1000))
+        for topic, reason in self._dlq_pending:
+            metrics.DEAD_LETTERED.labels(topic, reason).inc()
+        self.summary.labeled += len(self._buffered_rows)
+        self.summary.dead_lettered += len(self._dlq_pending)
+        self.summary.alerts += self._alerts_pending
+        self.summary.files.extend(f.path for f in files)
+        self._buffered_rows.clear()
+        self._dlq_pending.clear()
+        self._alerts_pending = 0
+        self._durable.update(self._pending)
+        self._pending.clear()
+        return True
+
+    def _commit(self) -> None:
+        with self._lock:
+            owned = set(self._input.assignment())
+            offsets = {tp: off for tp, off in self._durable.items() if tp in owned}
+        if not offsets:
+            return
+        try:
+            ok = self._input.commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - a failed commit is retried on the next round
+            metrics.COMMITS.labels("error").inc()
+            log.warning("offset commit failed, will retry: %s", exc)
+            return
+        metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
+        with self._lock:
+            for tp, off in offsets.items():
+                if self._durable.get(tp) == off:
+                    del self._durable[tp]
+
+    def _apply_backpressure(self) -> None:
+        limit = self.config.output.max_buffered_rows * 2
+        if not self._paused and self._sink.buffered >= limit:
+            self._input.pause(self._input.assignment())
+            self._paused = True
+            log.warning("pausing consumption: %d rows wait for the sink", self._sink.buffered)
+        elif self._paused and self._sink.buffered < limit // 2:
+            self._input.resume(self._input.assignment())
+            self._paused = False
+
+    def _update_lag(self) -> None:
+        for topic, partition in self._input.assignment():
+            high = self._input.highwater(topic, partition)
+            pos = self._next.get((topic, partition))
+            if high is not None and pos is not None:
+                metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - pos))
+
+    # -- rebalance callbacks (kafka-python IO thread, main loop inside poll) ---------
+    def _on_assigned(self, partitions: list[TP]) -> None:
+        with self._lock:
+            for topic, partition in partitions:
+                tp = (topic, partition)
+                self._sink.remove_temp_files(topic, partition)
+                last = self._sink.last_offset(topic, partition)
+                self._pending.pop(tp, None)
+                self._durable.pop(tp, None)
+                if last is None:
+                    self._next.pop(tp, None)
+                else:
+                    self._next[tp] = last + 1
+                    self._input.seek(topic, partition, last + 1)
+                log.info("assigned %s-%d, files end at %s", topic, partition, last)
+
+    def _on_revoked(self, partitions: list[TP]) -> None:
+        with self._lock:
+            if self._has_pending() and not self._flush():
+                for topic, partition in partitions:
+                    self._discard(topic, partition)
+            self._forget(partitions)
+
+    def _on_lost(self, partitions: list[TP]) -> None:
+        with self._lock:
+            for topic, partition in partitions:
+                self._discard(topic, partition)
+            self._forget(partitions)
+
+    def _discard(self, topic: str, partition: int) -> None:
+        dropped = self._sink.discard(topic, partition)
+        self._pending.pop((topic, partition), None)
+        self._buffered_rows = [row for row in self._buffered_rows if (row[0], row[1]) != (topic, partition)]
+        log.warning("dropped %d in-flight rows of %s-%d; they will be redelivered", dropped, topic, partition)
+
+    def _forget(self, partitions: list[TP]) -> None:
+        for topic, partition in partitions:
+            tp = (topic, partition)
+            self._next.pop(tp, None)
+            self._durable.pop(tp, None)
+            self._pending.pop(tp, None)
+            try:
+                metrics.CONSUMER_LAG.remove(topic, str(partition))
+            except KeyError:
+                pass
+
+    def _close(self) -> None:
+        for closer in (
+            getattr(self, "_input", None) and self._input.close,
+            getattr(self, "_dlq", None) and self._dlq.close,
+            *(s.close for s in getattr(self, "_alert_sinks", [])),
+            self._alert_producer.close if getattr(self, "_alert_producer", None) else None,
+            self._engine.close if self._owns_engine and self._engine is not None else None,
+        ):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception as exc:  # noqa: BLE001 - closing must go on
+                log.warning("error while closing: %s", exc)
+
+
+def run_stream(config: StreamConfig, engine: Any = None) -> StreamSummary:
+    """Run the stream job until stopped; convenience for the CLI and the demo."""
+    return StreamJob(config, engine).run()

@@ -1,0 +1,28 @@
+"""Output sinks: Parquet files (local or fsspec URL) and alert sinks.
+
+A sink is small: ``write(rows)``, ``flush()`` (durable on return),
+``close()``. Sinks never commit offsets; the job does, after every flush.
+"""
+
+from sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink
+from sinks.errors import SinkBackpressure, SinkError, SinkWriteError
+from sinks.naming import FileKey, parse_name
+from sinks.parquet import ParquetSink, WrittenFile
+from sinks.schema import OutputRow, arrow_schema, to_table
+
+__all__ = [
+    "Alert",
+    "AlertSink",
+    "FileAlertSink",
+    "FileKey",
+    "KafkaAlertSink",
+    "OutputRow",
+    "ParquetSink",
+    "SinkBackpressure",
+    "SinkError",
+    "SinkWriteError",
+    "WrittenFile",
+    "arrow_schema",
+    "parse_name",
+    "to_table",
+]

@@ -1,0 +1,164 @@
+"""Parquet sink: hive-partitioned files, durable on flush, local or fsspec URL.
+
+Contract: ``write(rows)`` only buffers. ``flush()`` writes every buffered
+row and returns only once the files are durable: written under a temporary
+name starting with ``.``, fsynced (local disks), renamed to the final
+deterministic name and the folder fsynced. Rows of one Kafka partition are
+written in offset order, one file per run of consecutive rows with the same
+date, so the finished files of a partition always hold a prefix of what was
+flushed. :meth:`last_offset` tells the job where a partition's files end.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from sinks import metrics
+from sinks.errors import SinkWriteError
+from sinks.naming import FileKey, parse_name, partition_glob, temp_glob
+from sinks.schema import OutputRow, to_table
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """A finished file and the number of rows in it."""
+
+    key: FileKey
+    path: str
+    rows: int
+
+
+class ParquetSink:
+    """Buffers output rows and writes them as deterministic Parquet files.
+
+    ``url``: a local folder or any fsspec URL (``s3://bucket/prefix``,
+    ``memory://x``). ``include_text`` drops the ``text`` column when False.
+    Raises SinkWriteError (recoverable) when the storage refuses a write;
+    the buffer is kept, so the same flush can be retried.
+    """
+
+    def __init__(self, url: str, include_text: bool = True, compression: str = "zstd",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.include_text = include_text
+        self.compression = compression
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self._local = isinstance(fs, LocalFileSystem)
+        self._buffer: list[OutputRow] = []
+
+    # -- sink protocol ----------------------------------------------------
+    def write(self, rows: Sequence[OutputRow]) -> None:
+        """Buffer rows; nothing is durable until :meth:`flush` returns."""
+        self._buffer.extend(rows)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> list[WrittenFile]:
+        """Write all buffered rows durably; returns the files written (possibly none)."""
+        if not self._buffer:
+            return []
+        rows = sorted(self._buffer, key=lambda r: (r.topic, r.partition, r.offset))
+        chunks = [
+            list(run)
+            for _, part_rows in groupby(rows, key=lambda r: (r.topic, r.partition))
+            for _, run in groupby(part_rows, key=lambda r: r.date)
+        ]
+        written: list[WrittenFile] = []
+        for i, chunk in enumerate(chunks):
+            try:
+                written.append(self._write_file(chunk))
+            except SinkWriteError:
+                # keep only what is not durable yet, so a retry writes nothing twice
+                self._buffer = [r for c in chunks[i:] for r in c]
+                raise
+        self._buffer = []
+        return written
+
+    def discard(self, topic: str, partition: int) -> int:
+        """Drop buffered rows of a partition (lost in a rebalance); returns how many."""
+        before = len(self._buffer)
+        self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
+        return before - len(self._buffer)
+
+    def close(self) -> None:
+        """Flush what is buffered."""
+        self.flush()
+
+    # -- resume support ---------------------------------------------------
+    def last_offset(self, topic: str, partition: int) -> int | None:
+        """Highest offset held by a finished file of the partition, or None."""
+        best: int | None = None
+        for path in self.fs.glob(self._abs(partition_glob(topic, partition))):
+            folder, name = posixpath.split(path)
+            date = posixpath.basename(folder).removeprefix("date=")
+            key = parse_name(topic, date, name)
+            if key is not None and key.partition == partition and (best is None or key.last_offset > best):
+                best = key.last_offset
+        return best
+
+    def remove_temp_files(self, topic: str, partition: int) -> int:
+        """Delete temporary files a crashed writer left for this partition; returns how many."""
+        paths = self.fs.glob(self._abs(temp_glob(topic, partition)))
+        for path in paths:
+            self.fs.rm(path)
+        return len(paths)
+
+    # -- internals ----------------------------------------------------------
+    def _abs(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+    def _write_file(self, rows: list[OutputRow]) -> WrittenFile:
+        first = rows[0]
+        key = FileKey(first.topic, first.date, first.partition, first.offset, rows[-1].offset)
+        folder = self._abs(key.folder)
+        final = f"{folder}/{key.name}"
+        temp = f"{folder}/{key.temp_name}"
+        table = to_table(rows, self.include_text)
+        try:
+            with metrics.FLUSH_SECONDS.time():
+                self.fs.makedirs(folder, exist_ok=True)
+                if self._local:
+                    self._write_local(table, temp, final, folder)
+                else:
+                    with self.fs.open(temp, "wb") as fh:
+                        pq.write_table(table, fh, compression=self.compression)
+                    self.fs.mv(temp, final)
+        except (OSError, RuntimeError) as exc:
+            metrics.WRITE_ERRORS.inc()
+            self._cleanup(temp)
+            raise SinkWriteError(f"cannot write {final}: {exc}") from exc
+        metrics.ROWS_WRITTEN.inc(len(rows))
+        metrics.FILES_WRITTEN.inc()
+        return WrittenFile(key=key, path=final, rows=len(rows))
+
+    def _write_local(self, table: Any, temp: str, final: str, folder: str) -> None:
+        with open(temp, "wb") as fh:
+            pq.write_table(table, fh, compression=self.compression)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, final)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _cleanup(self, temp: str) -> None:
+        try:
+            if self.fs.exists(temp):
+                self.fs.rm(temp)
+        except OSError:
+            pass

@@ -1,0 +1,71 @@
+"""The output row and its Arrow schema (stable: outside readers depend on it).
+
+Files hold the columns below; ``topic`` and ``date`` are hive folder keys
+(``topic=<topic>/date=<YYYY-MM-DD>/``) and are not repeated inside files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRow:
+    """One labeled message. Times are milliseconds since the epoch, UTC."""
+
+    topic: str
+    partition: int
+    offset: int
+    id: str
+    text: str
+    label: str
+    score: float
+    event_time_ms: int
+    processed_at_ms: int
+    model: str
+
+    @property
+    def date(self) -> str:
+        """The hive ``date`` key: the UTC day of the event time."""
+        return datetime.fromtimestamp(self.event_time_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+_TS = pa.timestamp("ms", tz="UTC")
+
+
+def arrow_schema(include_text: bool = True) -> pa.Schema:
+    """Columns inside each file, in order."""
+    fields = [pa.field("id", pa.string(), nullable=False)]
+    if include_text:
+        fields.append(pa.field("text", pa.string()))
+    fields += [
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("partition", pa.int32(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("event_time", _TS, nullable=False),
+        pa.field("processed_at", _TS, nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+def to_table(rows: Sequence[OutputRow], include_text: bool = True) -> pa.Table:
+    """Rows -> Arrow table with :func:`arrow_schema` (order kept)."""
+    columns: dict[str, list[object]] = {"id": [r.id for r in rows]}
+    if include_text:
+        columns["text"] = [r.text for r in rows]
+    columns.update(
+        label=[r.label for r in rows],
+        score=[r.score for r in rows],
+        partition=[r.partition for r in rows],
+        offset=[r.offset for r in rows],
+        event_time=[r.event_time_ms for r in rows],
+        processed_at=[r.processed_at_ms for r in rows],
+        model=[r.model for r in rows],
+    )
+    return pa.Table.from_pydict(columns, schema=arrow_schema(include_text))

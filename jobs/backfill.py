@@ -1,8 +1,11 @@
 """The backfill job: re-label files (JSONL, CSV, Parquet) with the same engine and output schema.
 
-Rows go to ``topic=<topic_name>/date=<day of the event time or today>/`` with
-``partition`` = the input file's position in the argument list and
-``offset`` = the row number in that file, so reruns write the same file names.
+Rows go to ``topic=<name>/date=<day of the event time or today>/`` where
+``name`` is ``topic_name`` when set, else the input file's stem (so inputs
+never overwrite each other), ``partition`` = 0 (or the input's position in
+the argument list when ``topic_name`` is shared) and ``offset`` = the row
+number in that file: a rerun writes the same file names, replacing its own
+earlier output.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ def _to_ms(value: Any, default: int) -> int:
     return default
 
 
+def _safe_name(stem: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)
+    return cleaned or "backfill"
+
+
 def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, progress: Any = None,
                  batch_size: int = 2048) -> BackfillSummary:
     """Label every row of ``inputs``; rows with empty or non-string text are counted as skipped."""
@@ -91,7 +99,7 @@ def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, pro
             summary.skipped += len(texts) - len(usable)
             preds = engine.classify([texts[i] for i in usable])
             rows = [
-                OutputRow(config.topic_name, file_index, start + i,
+                OutputRow(config.topic_name or _safe_name(path.stem), file_index if config.topic_name else 0, start + i,
                           str(ids[i]) if ids[i] is not None else f"{path.name}-{start + i}",
                           texts[i], p.label, p.score, _to_ms(times[i], now_ms), now_ms, engine.model_name)
                 for i, p in zip(usable, preds)

@@ -150,7 +150,7 @@ class BackfillConfig(_BaseJobConfig):
 
     text_field: str = Field("text", description="Column / field holding the text.")
     id_field: str = Field("id", description="Column / field holding the id (row number when absent).")
-    topic_name: str = Field("backfill", description="Value of the hive 'topic' folder key for backfill output.")
+    topic_name: str | None = Field(None, description="Hive 'topic' folder key of the output; default: each input's file stem.")
     rows_per_file: int = Field(100_000, ge=1, description="Rows per output file.")
 
 

@@ -79,13 +79,21 @@ class FileAlertSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seen = _SeenIds()
         if self.path.exists():
+            self._drop_torn_tail()
             with self.path.open(encoding="utf-8") as fh:
                 for line in fh:
                     try:
                         self._seen.add(json.loads(line)["id"])
                     except (ValueError, KeyError, TypeError):
-                        continue  # a torn last line from a crash: its alert is resent
+                        continue
         self._pending: list[Alert] = []
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line a crash left unfinished (its alert is sent again)."""
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
 
     def write(self, alerts: Sequence[Alert]) -> None:
         self._pending.extend(a for a in alerts if self._seen.add(a.id))

@@ -1,0 +1,24 @@
+# Entry points used by the README and CI. The virtual environment is cached
+# outside the checkout (torch is a large download) and reused when present.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/nlpstream
+VENV ?= $(CACHE)/venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nlpstream-$(shell sha256sum pyproject.toml | cut -c1-16)-$(shell pwd | sha256sum | cut -c1-8)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.nlpstream-* && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nlpstream demo
+
+test: install
+	HF_HUB_OFFLINE=1 PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -rs $(PYTEST_ARGS)

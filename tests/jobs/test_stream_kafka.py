@@ -1,0 +1,220 @@
+"""The stream job against a real Kafka broker (never skipped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+from jobs.stream import StreamJob
+from tests.conftest import json_messages, produce, read_output, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+LABELS = {"negative", "neutral", "positive"}
+
+
+def config(bootstrap, topic, out, **kw):
+    alerts = kw.pop("alerts", AlertConfig(message_min_score=None))
+    return StreamConfig.model_construct(
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, topics=[topic], group_id=kw.pop("group", f"{topic}-g"),
+                          dlq_topic=f"{topic}.dlq"),
+        input=InputConfig(), model=ModelConfig(devices="cpu"),
+        output=OutputConfig(output=str(out), flush_interval=kw.pop("flush_interval", 1.0)),
+        alerts=alerts, metrics=MetricsConfig(metrics_port=kw.pop("metrics_port", None)),
+        max_messages=kw.pop("max_messages", None), idle_timeout=kw.pop("idle_timeout", 60.0),
+    )
+
+
+def scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_json_messages_land_exactly_once_with_metrics(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+    topic = make_topic(unique, partitions=3)
+    n = 300
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=4.0, metrics_port=0), engine=engine)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
+    runner.start()
+    lag_keys = [f'nlpstream_consumer_lag{{partition="{p}",topic="{topic}"}}' for p in range(3)]
+    lags = None
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline:
+        if job.metrics_port is not None:
+            live = scrape(job.metrics_port)
+            if all(k in live for k in lag_keys) and live.get(f'nlpstream_messages_labeled_total{{topic="{topic}"}}') == n:
+                lags = [live[k] for k in lag_keys]
+                break
+        time.sleep(0.2)
+    runner.join(timeout=120)
+    summary = result["summary"]
+    assert lags == [0.0, 0.0, 0.0]
+    assert summary.labeled == n and summary.dead_lettered == 0
+    table = read_output(tmp_path)
+    assert table.num_rows == n
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == n and all(i.startswith(unique) for i in ids)
+    assert set(table.column("label").to_pylist()) <= LABELS
+    assert set(table.column("topic").to_pylist()) == {topic}
+    assert len(set(table.column("date").to_pylist())) >= 1
+    assert sorted(set(table.column("partition").to_pylist())) == [0, 1, 2]
+    assert set(table.column("model").to_pylist()) == {"builtin:sentiment"}
+    metrics = scrape(job.metrics_port)
+    assert metrics[f'nlpstream_messages_consumed_total{{topic="{topic}"}}'] == n
+    assert metrics[f'nlpstream_messages_labeled_total{{topic="{topic}"}}'] == n
+    assert metrics["nlpstream_batch_texts_count"] >= 1
+    assert metrics["nlpstream_inference_seconds_count"] >= 1
+    assert metrics["nlpstream_end_to_end_seconds_count"] >= n
+    # committed offsets match the files
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{topic}-g", enable_auto_commit=False)
+    try:
+        for p in range(3):
+            offsets = [o for o, q in zip(table.column("offset").to_pylist(), table.column("partition").to_pylist()) if q == p]
+            assert consumer.committed(TopicPartition(topic, p)) == max(offsets) + 1
+    finally:
+        consumer.close()
+
+
+BAD = {
+    "invalid_utf8": b"\xff\xfe\xfa not utf-8",
+    "empty_value": b"",
+    "malformed_json": b'{"text": "unterminated',
+    "not_an_object": b'["text", "in", "a", "list"]',
+    "missing_text": b'{"id": "no-text-here"}',
+    "text_not_string": b'{"text": 12345}',
+    "blank_text": b'{"text": "  \\t  "}',
+}
+NASTY = ["😀🔥 emoji only 🎉", "مرحبا، الخدمة كانت ممتازة", "NUL\u0000inside", "long " * 40000]
+
+
+def test_bad_messages_go_to_dlq_with_headers_and_job_goes_on(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+    topic = make_topic(unique, partitions=1)
+    make_topic(f"{unique}.dlq", partitions=1)
+    messages = [(b"k-" + kind.encode(), value) for kind, value in BAD.items()]
+    messages.append((b"null", None))
+    nasty = [(None, json.dumps({"id": f"nasty-{i}", "text": t}).encode()) for i, t in enumerate(NASTY)]
+    later = json_messages(20, prefix="after")
+    produce(kafka_bootstrap, topic, messages + nasty + later, timestamp_ms=1_790_000_000_000)
+    total = len(messages) + len(nasty) + len(later)
+    summary = StreamJob(config(kafka_bootstrap, topic, tmp_path, max_messages=total), engine=engine).run()
+    assert summary.dead_lettered == len(messages)
+    assert summary.labeled == len(nasty) + len(later)
+    ids = set(read_output(tmp_path).column("id").to_pylist())
+    assert ids == {f"nasty-{i}" for i in range(len(NASTY))} | {f"after-{i}" for i in range(20)}
+    dead = read_topic(kafka_bootstrap, f"{topic}.dlq", expected=len(messages))
+    assert len(dead) == len(messages)
+    by_offset = {}
+    for r in dead:
+        headers = dict(r.headers)
+        for h in ("nlpstream.error.class", "nlpstream.error.message", "nlpstream.source.topic",
+                  "nlpstream.source.partition", "nlpstream.source.offset"):
+            assert h in headers, h
+        assert headers["nlpstream.source.topic"] == topic.encode()
+        assert headers["nlpstream.source.partition"] == b"0"
+        assert r.timestamp == 1_790_000_000_000
+        by_offset[int(headers["nlpstream.source.offset"])] = (r, headers)
+    assert sorted(by_offset) == list(range(len(messages)))
+    for offset, (kind, value) in enumerate(BAD.items()):
+        r, headers = by_offset[offset]
+        assert headers["nlpstream.error.class"] == f"DecodeError:{kind}".encode()
+        assert r.key == b"k-" + kind.encode()
+        assert (r.value or b"") == value
+    r, headers = by_offset[len(BAD)]
+    assert r.value is None and headers["nlpstream.error.class"] == b"DecodeError:empty_value"
+
+
+def test_alert_burst_fires_once_and_replay_adds_no_new_id(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+    topic = make_topic(unique, partitions=2)
+    make_topic(f"{unique}.alerts", partitions=1)
+    negative = "This is unacceptable, my order is lost and nobody answers. Terrible service."
+    msgs = []
+    for i in range(30):
+        customer, text = ("acme", negative) if i % 3 == 0 else ("other", "What are your opening hours on Sunday?")
+        msgs.append((customer.encode(), json.dumps({"id": f"a{i}", "customer": customer, "text": text}).encode()))
+    produce(kafka_bootstrap, topic, msgs, timestamp_ms=1_790_000_000_000)
+    alert_file = tmp_path / "alerts.jsonl"
+    rules = AlertConfig(alert_topic=f"{unique}.alerts", alert_file=str(alert_file), message_min_score=None,
+                        window_key_field="customer", window_seconds=600, window_min_count=5, window_share=0.8)
+    first = StreamJob(config(kafka_bootstrap, topic, tmp_path / "o1", alerts=rules, max_messages=30), engine=engine).run()
+    assert first.alerts == 1
+    lines = [json.loads(x) for x in alert_file.read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["key"] == "acme" and lines[0]["kind"] == "window"
+    # replay the same input with a new group: same id, so nothing new in the file
+    StreamJob(config(kafka_bootstrap, topic, tmp_path / "o2", alerts=rules, max_messages=30, group=f"{unique}-replay"),
+              engine=engine).run()
+    assert [json.loads(x)["id"] for x in alert_file.read_text().splitlines()] == [lines[0]["id"]]
+    # a fresh alert file on replay gets the very same id
+    fresh = tmp_path / "fresh.jsonl"
+    rules2 = rules.model_copy(update={"alert_file": str(fresh), "alert_topic": None})
+    StreamJob(config(kafka_bootstrap, topic, tmp_path / "o3", alerts=rules2, max_messages=30, group=f"{unique}-r2"),
+              engine=engine).run()
+    assert [json.loads(x)["id"] for x in fresh.read_text().splitlines()] == [lines[0]["id"]]
+    on_topic = read_topic(kafka_bootstrap, f"{unique}.alerts", expected=1)
+    assert len(on_topic) >= 1 and {r.key.decode() for r in on_topic} == {lines[0]["id"]}
+
+
+def _stream_cmd(bootstrap, topic, out, group, extra=()):
+    return [sys.executable, "-m", "jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
+            "--group-id", group, "--output", str(out), "--devices", "cpu", "--flush-interval", "0.5",
+            "--metrics-port", "0", *extra]
+
+
+def test_sigterm_mid_stream_commits_what_is_durable_and_restart_continues(kafka_bootstrap, make_topic, unique, tmp_path):
+    topic = make_topic(unique, partitions=3)
+    n = 3000
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_stream_cmd(kafka_bootstrap, topic, out, f"{unique}-g"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob("topic=*/date=*/part-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    assert list(out.glob("topic=*/date=*/part-*.parquet")), "no file written within 120s"
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    first = read_output(out)
+    assert 0 < first.num_rows < n, "SIGTERM should land mid-stream"
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{unique}-g", enable_auto_commit=False)
+    try:
+        parts = first.column("partition").to_pylist()
+        offs = first.column("offset").to_pylist()
+        for p in range(3):
+            mine = [o for o, q in zip(offs, parts) if q == p]
+            committed = consumer.committed(TopicPartition(topic, p))
+            assert committed == (max(mine) + 1 if mine else None)
+    finally:
+        consumer.close()
+    again = subprocess.run(_stream_cmd(kafka_bootstrap, topic, out, f"{unique}-g", ["--idle-timeout", "5"]),
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    table = read_output(out)
+    assert table.num_rows == n
+    pairs = list(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist()))
+    assert len(set(pairs)) == n
+    for p in range(3):
+        offsets = sorted(o for q, o in pairs if q == p)
+        assert offsets == list(range(len(offsets))), f"gap or repeat in partition {p}"
+    assert len(set(table.column("id").to_pylist())) == n

@@ -1,0 +1,95 @@
+import os
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from sinks import OutputRow, ParquetSink, SinkWriteError
+
+DAY1 = 1_795_000_000_000  # 2026-11-18 UTC
+DAY2 = DAY1 + 86_400_000
+
+
+def row(topic, partition, offset, ts=DAY1, label="neutral"):
+    return OutputRow(topic, partition, offset, f"id-{partition}-{offset}", f"text {offset}", label, 0.9, ts, ts + 5, "m")
+
+
+def test_hive_layout_reads_back_as_one_table(tmp_path):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, i) for i in range(5)] + [row("b", 1, i, DAY2) for i in range(3)])
+    files = sink.flush()
+    assert len(files) == 2 and sink.buffered == 0
+    table = ds.dataset(str(tmp_path), partitioning="hive").to_table()
+    assert table.num_rows == 8
+    assert {"topic", "date", "id", "text", "label", "score", "partition", "offset", "event_time",
+            "processed_at", "model"} <= set(table.column_names)
+    one = pq.read_table(files[0].path)
+    assert "topic" not in one.column_names and "date" not in one.column_names
+    assert sorted(set(table.column("topic").to_pylist())) == ["a", "b"]
+
+
+def test_runs_by_date_and_offsets_in_names(tmp_path):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, 1, DAY1), row("a", 0, 2, DAY1), row("a", 0, 3, DAY2), row("a", 0, 4, DAY1)])
+    files = sink.flush()
+    assert [(f.key.date, f.key.first_offset, f.key.last_offset) for f in files] == [
+        ("2026-11-18", 1, 2), ("2026-11-19", 3, 3), ("2026-11-18", 4, 4)]
+    assert sink.last_offset("a", 0) == 4
+    assert sink.last_offset("a", 1) is None
+    assert sink.last_offset("b", 0) is None
+
+
+def test_text_column_can_be_dropped(tmp_path):
+    sink = ParquetSink(str(tmp_path), include_text=False)
+    sink.write([row("a", 0, 1)])
+    (f,) = sink.flush()
+    assert "text" not in pq.read_table(f.path).column_names
+
+
+def test_temp_files_are_hidden_and_cleaned(tmp_path):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, 1)])
+    sink.flush()
+    folder = tmp_path / "topic=a" / "date=2026-11-18"
+    (folder / ".part-00000-00000000000000000002-00000000000000000009.parquet.tmp").write_bytes(b"partial")
+    assert ds.dataset(str(tmp_path), partitioning="hive").to_table().num_rows == 1
+    assert sink.last_offset("a", 0) == 1
+    assert sink.remove_temp_files("a", 0) == 1
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+
+
+def test_failing_filesystem_keeps_rows_for_retry(tmp_path, monkeypatch):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, i) for i in range(3)])
+    real = sink._write_local
+
+    def refuse(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(sink, "_write_local", refuse)
+    with pytest.raises(SinkWriteError, match="Read-only"):
+        sink.flush()
+    assert sink.buffered == 3
+    assert sink.last_offset("a", 0) is None
+    monkeypatch.setattr(sink, "_write_local", real)
+    assert [f.rows for f in sink.flush()] == [3]
+    assert sink.last_offset("a", 0) == 2
+
+
+def test_fsspec_memory_filesystem():
+    import fsspec
+
+    sink = ParquetSink("memory://nlpstream-test/out")
+    sink.write([row("a", 0, i) for i in range(4)])
+    (f,) = sink.flush()
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(f.path)
+    assert not [p for p in fs.find("/nlpstream-test/out") if os.path.basename(p).startswith(".")]
+    assert sink.last_offset("a", 0) == 3
+
+
+def test_discard_drops_one_partition(tmp_path):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, 1), row("a", 1, 1), row("a", 1, 2)])
+    assert sink.discard("a", 1) == 2
+    assert [f.key.partition for f in sink.flush()] == [0]

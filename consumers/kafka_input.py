@@ -10,6 +10,7 @@ except :meth:`seek` (a local operation).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class ConsumerSettings:
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 45_000
     max_partition_fetch_bytes: int = 8 * 1024 * 1024
+    group_instance_id: str | None = None
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -79,14 +81,24 @@ class KafkaInput:
                 max_poll_interval_ms=settings.max_poll_interval_ms,
                 session_timeout_ms=settings.session_timeout_ms,
                 max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+                **({"group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
             )
         except KafkaError as exc:
             raise KafkaUnavailableError(f"cannot connect to Kafka at {connection.bootstrap_servers}: {exc}") from exc
         self._consumer.subscribe(list(settings.topics), listener=_Listener(on_assigned, on_revoked, on_lost))
+        self._last_poll_warning = 0.0
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[InputRecord]:
         """Fetch available records (waits at most ``timeout_s``), in offset order per partition."""
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:  # broker gone or group trouble: keep the loop alive, retry next poll
+            now = time.monotonic()
+            if now - self._last_poll_warning > 10.0:
+                log.warning("poll failed, retrying: %s", exc)
+                self._last_poll_warning = now
+            time.sleep(min(timeout_s, 1.0))
+            return []
         out: list[InputRecord] = []
         for records in batches.values():
             for r in records:

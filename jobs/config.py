@@ -31,6 +31,8 @@ class KafkaConfig(_Section):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
     topics: list[str] = Field(default_factory=list, description="Topics to consume (at least one for stream).")
     group_id: str = Field("nlpstream", description="Consumer group id; offsets are committed under it.")
+    group_instance_id: str | None = Field(
+        None, description="Static membership id (e.g. the pod name): a restart with the same id skips the rebalance.")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="Where a new group starts.")
     dlq_topic: str | None = Field(None, description="Dead-letter topic; default '<first topic>.dlq'.")
     max_poll_records: int = Field(512, ge=1, description="Most records handled per micro-batch.")

@@ -127,6 +127,7 @@ class StreamJob:
             topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,
             auto_offset_reset=cfg.kafka.auto_offset_reset, max_poll_records=cfg.kafka.max_poll_records,
             max_poll_interval_ms=cfg.kafka.max_poll_interval_ms, session_timeout_ms=cfg.kafka.session_timeout_ms,
+            group_instance_id=cfg.kafka.group_instance_id,
         )
         self._input = KafkaInput(conn, settings, self._on_assigned, self._on_revoked, self._on_lost)
         last_flush = last_input = time.monotonic()

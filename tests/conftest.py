@@ -92,7 +92,7 @@ def json_messages(n: int, prefix: str = "m", key_field: str | None = None) -> li
     out = []
     for i in range(n):
         obj: dict[str, Any] = {"id": f"{prefix}-{i}", "text": f"{texts[i % len(texts)]} #{i}"}
-        out.append((f"k{i % 7}".encode(), json.dumps(obj).encode()))
+        out.append((f"k{i}".encode(), json.dumps(obj).encode()))
     return out
 
 

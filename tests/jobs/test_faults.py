@@ -1,0 +1,250 @@
+"""Exactly-once output under crashes, rebalances, broker restarts and sink failures.
+
+Every test runs the real CLI (or the real job) against a real broker and
+reads the real Parquet files back. Each prints a line of the fault table:
+fault, times, messages, lost, duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import json_messages, produce, read_output, read_topic
+from tests.jobs.faults import exactness, files, rows_in, stream_proc, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+
+
+def report(fault: str, times: int, messages: int, result: dict[str, int], extra: str = "") -> None:
+    print(f"\nFAULT-TABLE | {fault} | {times} | {messages} | lost {result['lost']} | duplicated {result['duplicated']} {extra}")
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int | None]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return [consumer.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        consumer.close()
+
+
+def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 4, 4000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261128")))
+    kills = 0
+    seen_before_kill = []
+    while kills < 6:
+        proc = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", log=log)
+        if kills % 2 == 1:  # every other kill lands right after a file appeared (mid-write window)
+            before = len(files(out))
+            wait_for(lambda: len(files(out)) > before, 120, "a new file", proc)
+            time.sleep(rng.uniform(0.0, 0.4))
+        else:
+            time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is not None:
+            break  # finished everything before the kill
+        proc.kill()
+        proc.wait(timeout=30)
+        kills += 1
+        seen_before_kill.append(rows_in(out))
+    assert kills >= 5, f"only {kills} kills landed before the job finished"
+    assert seen_before_kill[-1] < n, "the kills should land mid-stream"
+    final = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--idle-timeout", "6", log=log)
+    assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
+    result = exactness(out, parts, n)
+    report("kill -9 at random moments", kills, n, result, f"(rows before each kill: {seen_before_kill})")
+    assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
+    assert not list(out.glob("topic=*/date=*/.*")), "temporary files left visible"
+    assert committed(kafka_bootstrap, f"{unique}-g", topic, parts) == [
+        max(o for p, o in zip(read_output(out).column("partition").to_pylist(), read_output(out).column("offset").to_pylist()) if p == q) + 1
+        for q in range(parts)]
+
+
+def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 6, 5000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    group = f"{unique}-g"
+    a = stream_proc(kafka_bootstrap, topic, out, group, log=log)
+    b = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log)
+    wait_for(lambda: rows_in(out) > 600, 180, "both members writing", b)
+    a.kill()
+    a.wait(timeout=30)
+    wait_for(lambda: rows_in(out) > 1500, 180, "progress after the kill", b)
+    c = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log)
+    assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
+    result = exactness(out, parts, n)
+    report("consumer group: one member killed, one added", 2, n, result)
+    assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
+
+
+def test_broker_stopped_20s_mid_stream(make_topic, unique, tmp_path):
+    from consumers import kafka_local
+
+    data = tmp_path / "broker"
+    info = kafka_local.start(data, port=0, timeout_s=120)
+    try:
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+
+        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap_servers)
+        admin.create_topics([NewTopic(unique, 3, 1)])
+        admin.close()
+        n = 4000
+        produce(info.bootstrap_servers, unique, json_messages(n, prefix=unique))
+        out, log = tmp_path / "out", tmp_path / "job.log"
+        job = stream_proc(info.bootstrap_servers, unique, out, f"{unique}-g", "--max-messages", str(n), log=log)
+        wait_for(lambda: rows_in(out) > 300, 180, "first rows", job)
+        kafka_local.stop(data)
+        stopped_at = rows_in(out)
+        time.sleep(20)
+        assert job.poll() is None, "the job must wait for the broker, not exit"
+        info = kafka_local.start(data, timeout_s=120)
+        assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+        result = exactness(out, 3, n)
+        report("broker stopped 20 s mid-stream", 1, n, result, f"(rows when stopped: {stopped_at})")
+        assert stopped_at < n
+        assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": 3}
+    finally:
+        kafka_local.stop(data)
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    proc = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"chattr {flag} failed (needs root on ext4/xfs): {proc.stderr}"
+
+
+def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 3, 4000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    group = f"{unique}-g"
+    job = stream_proc(kafka_bootstrap, topic, out, group, "--max-messages", str(n), log=log)
+    wait_for(lambda: rows_in(out) > 300, 180, "first rows", job)
+    folders = sorted({p.parent for p in files(out)} | {out / f"topic={topic}", out})
+    _chattr("+i", *folders)
+    try:
+        time.sleep(1.5)  # let a commit in flight land
+        at_start = committed(kafka_bootstrap, group, topic, parts)
+        rows_at_start = rows_in(out)
+        time.sleep(6)
+        at_end = committed(kafka_bootstrap, group, topic, parts)
+        assert at_end == at_start, "offsets were committed while the output was read-only"
+        assert rows_in(out) == rows_at_start
+        assert job.poll() is None, "the job must retry, not exit"
+    finally:
+        _chattr("-i", *folders)
+    assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert "flush failed, will retry" in log.read_text()
+    result = exactness(out, parts, n)
+    report("output folder read-only for 7.5 s", 1, n, result, f"(rows when it became read-only: {rows_at_start})")
+    assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
+
+
+class PoisonAwareEngine:
+    """The real engine, except that texts with a marker make it raise, as a broken model would."""
+
+    MARK = "☠POISON☠"
+
+    def __init__(self, engine):
+        self.inner = engine
+        self.model_name = engine.model_name
+
+    def tokenize(self, texts):
+        return self.inner.tokenize(texts)
+
+    def classify(self, texts):
+        if any(self.MARK in t for t in texts):
+            raise RuntimeError("the model raised on this input")
+        return self.inner.classify(texts)
+
+    def close(self):
+        pass
+
+
+def test_poison_corpus_only_poison_in_dlq(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+    from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+    from jobs.stream import StreamJob
+
+    topic = make_topic(unique, partitions=2)
+    bad_values = [b"\xff\xfe", b"", None, b"{nope", b"[1]", b'{"x": 1}', b'{"text": 3}', b'{"text": " "}']
+    nasty = {"big": "a long complaint about the delivery. " * 24000, "emoji": "😡😡😡 🔥", "rtl": "الخدمة سيئة جدا",
+             "nul": "broken\u0000text"}
+    messages, expect_dead, expect_rows = [], 0, set()
+    for i in range(200):
+        kind = i % 10
+        if kind == 0:
+            messages.append((f"bad-{i}".encode(), bad_values[(i // 10) % len(bad_values)]))
+            expect_dead += 1
+        elif kind == 5:
+            messages.append((None, json.dumps({"id": f"p{i}", "text": f"{PoisonAwareEngine.MARK} {i}"}).encode()))
+            expect_dead += 1
+        elif kind == 7:
+            name = list(nasty)[(i // 10) % len(nasty)]
+            messages.append((None, json.dumps({"id": f"n{i}", "text": nasty[name]}).encode()))
+            expect_rows.add(f"n{i}")
+        else:
+            messages.append((None, json.dumps({"id": f"v{i}", "text": f"Where is my order {i}?"}).encode()))
+            expect_rows.add(f"v{i}")
+    produce(kafka_bootstrap, topic, messages)
+    cfg = StreamConfig.model_construct(
+        kafka=KafkaConfig(bootstrap_servers=kafka_bootstrap, topics=[topic], group_id=f"{unique}-g", dlq_topic=f"{topic}.dlq"),
+        input=InputConfig(), model=ModelConfig(devices="cpu"), output=OutputConfig(output=str(tmp_path), flush_interval=0.5),
+        alerts=AlertConfig(message_min_score=None), metrics=MetricsConfig(metrics_port=None),
+        max_messages=len(messages), idle_timeout=60.0)
+    summary = StreamJob(cfg, engine=PoisonAwareEngine(engine)).run()
+    assert summary.consumed == len(messages)
+    assert summary.dead_lettered == expect_dead
+    assert set(read_output(tmp_path).column("id").to_pylist()) == expect_rows
+    dead = read_topic(kafka_bootstrap, f"{topic}.dlq", expected=expect_dead)
+    assert len(dead) == expect_dead
+    classes = {dict(r.headers)["nlpstream.error.class"] for r in dead}
+    assert b"RuntimeError" in classes
+    poison = [r for r in dead if r.value and b"POISON" in r.value]
+    assert len(poison) == 20
+    assert all(dict(r.headers)["nlpstream.error.class"] == b"RuntimeError" for r in poison)
+    report("poison corpus interleaved with nasty valid text", 1, len(messages),
+           {"lost": 0, "duplicated": 0}, f"(dead-lettered {expect_dead}, labeled {len(expect_rows)})")
+
+
+def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 3, 12000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    job = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--max-messages", str(n), log=log,
+                      env={"NLPSTREAM_OUTPUT__MAX_BUFFERED_ROWS": "2000"})
+    samples: list[tuple[int, int]] = []
+    while job.poll() is None:
+        try:
+            status = Path(f"/proc/{job.pid}/status").read_text()
+        except OSError:
+            break
+        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        samples.append((rows_in(out) if len(samples) % 10 == 0 else -1, rss_kb))
+        time.sleep(0.2)
+    assert job.returncode == 0, log.read_text()[-3000:]
+    peak_mb = max(r for _, r in samples) / 1024
+    progressed = [(rows, r) for rows, r in samples if rows >= 0]
+    early = [r for rows, r in progressed if 0 < rows < n // 3]
+    late = [r for rows, r in progressed if rows >= 2 * n // 3]
+    result = exactness(out, parts, n)
+    report("burst of 12000 queued messages", 1, n, result, f"(peak RSS {peak_mb:.0f} MiB)")
+    assert result["lost"] == 0 and result["duplicated"] == 0
+    assert peak_mb < 3072
+    if early and late:
+        assert max(late) / 1024 - max(early) / 1024 < 300, "resident memory keeps growing with the backlog"

@@ -7,6 +7,8 @@ Knows nothing of Kafka or sinks. The stable entry point is
 
 from __future__ import annotations
 
+from typing import Any
+
 from inference.errors import DeviceError, InferenceError, ModelLoadError, TextError, UnsafeModelError
 from inference.types import Prediction
 
@@ -26,17 +28,23 @@ def load_engine(
     model: str = "builtin:sentiment",
     devices: str = "auto",
     precision: str = "auto",
-    max_batch_tokens: int = 16384,
-    max_batch_size: int = 256,
+    max_batch_tokens: int | None = None,
+    max_batch_size: int | None = None,
     long_text: str = "truncate",
+    **options: Any,
 ) -> "Engine":
     """Load ``model`` onto ``devices`` and return a ready :class:`Engine`.
 
     ``model``: ``builtin:sentiment``, a local Hugging Face
     sequence-classification directory (safetensors only) or a cached hub id.
     ``devices``: ``auto``, ``cpu``, ``cpu:N``, ``cuda``, ``cuda:0,cuda:1``.
-    ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-    Raises ModelLoadError / UnsafeModelError / DeviceError.
+    ``precision``: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8``.
+    ``max_batch_tokens`` / ``max_batch_size``: per device batch limits
+    (default 2048 / 32 on CPU, 65536 / 1024 on GPU).
+    ``long_text``: ``truncate`` or ``chunk``. ``options``: ``cache_entries``,
+    ``cache_bytes``, ``target_latency_ms``, ``max_batch_delay_ms``,
+    ``chunk_overlap`` (see :class:`Engine`).
+    Raises ModelLoadError / UnsafeModelError / DeviceError / InferenceError.
     """
     from inference.devices import parse_devices
     from inference.engine import Engine
@@ -44,7 +52,7 @@ def load_engine(
 
     device_list = parse_devices(devices)
     bundle = load_model(model)
-    return Engine(bundle, device_list, precision, max_batch_tokens, max_batch_size, long_text)
+    return Engine(bundle, device_list, precision, max_batch_tokens, max_batch_size, long_text, **options)
 
 
 def __getattr__(name: str) -> object:

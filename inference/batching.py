@@ -60,3 +60,40 @@ def padding_share(lengths: Sequence[int], batches: Sequence[Batch]) -> float:
         return 0.0
     real = sum(max(1, lengths[i]) for b in batches for i in b.indices)
     return 1.0 - real / total
+
+
+def should_dispatch(pending_tokens: int, oldest_wait_ms: float, max_batch_tokens: int, max_batch_delay_ms: float) -> bool:
+    """Whether collected requests should go to the devices now: the token budget is
+    full, or the oldest request has waited ``max_batch_delay_ms``."""
+    return pending_tokens >= max_batch_tokens or (pending_tokens > 0 and oldest_wait_ms >= max_batch_delay_ms)
+
+
+class TokenBudget:
+    """The batch token budget; adapts to ``target_latency_ms`` when one is set.
+
+    Keeps an exponential moving average of seconds per padded token and sets
+    the budget so that a full batch takes about the target, within
+    ``[minimum, maximum]``. Without a target the budget stays at ``initial``
+    (throughput first).
+    """
+
+    def __init__(self, initial: int, target_latency_ms: float | None = None, minimum: int = 256,
+                 maximum: int | None = None, smoothing: float = 0.3) -> None:
+        if target_latency_ms is not None and target_latency_ms <= 0:
+            raise ValueError(f"target_latency_ms ({target_latency_ms}) must be positive")
+        self.value = initial
+        self.target_s = None if target_latency_ms is None else target_latency_ms / 1000.0
+        self.minimum = min(minimum, initial)
+        self.maximum = maximum or initial * 4
+        self.smoothing = smoothing
+        self.seconds_per_token: float | None = None
+
+    def observe(self, padded_tokens: int, seconds: float) -> int:
+        """Record one batch; returns the new budget."""
+        if self.target_s is None or padded_tokens <= 0 or seconds <= 0:
+            return self.value
+        rate = seconds / padded_tokens
+        spt = self.seconds_per_token
+        self.seconds_per_token = rate if spt is None else (1 - self.smoothing) * spt + self.smoothing * rate
+        self.value = int(max(self.minimum, min(self.maximum, self.target_s / self.seconds_per_token)))
+        return self.value

@@ -1,44 +1,133 @@
-"""``nlpstream bench``: the engine against ``transformers.pipeline`` on one corpus, side by side.
+"""``nlpstream bench``: the engine against common ways to serve the same model, in one run.
 
-The corpus mixes lengths like real streams (mostly short chats and headlines,
-a long tail of multi-sentence tickets up to the model's limit). Every
-contender runs in the same process on the same texts and the same backbone;
-results are throughput ratios against the baseline measured in this run.
+CPU contenders, all on the same mixed-length corpus and the same backbone:
+``transformers.pipeline`` (batch 1 and 32), ONNX Runtime with dynamic int8
+and OpenVINO bf16 (throughput mode, asynchronous requests), both given the
+engine's own length-sorted, pre-padded batches (their tokenization and
+padding are not timed; the engine's are), the engine in fp32 (the reference
+for label agreement) and the engine with ``precision=auto``. Results are
+texts/s, tokens/s, ratios against the baselines measured in the same run and
+label agreement with the engine's fp32 path. ``--devices cuda`` measures
+tokens/s and the share of the GPU's dense bf16 peak for the builtin model and
+a BERT-base-sized model, and the scaling across GPUs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import numpy as np
+
 from inference import load_engine
+from inference.batching import plan_batches
+
+_NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kim", "Lea", "Mo", "Nia"]
+_TAILS = ["Order {n}.", "Ticket #{n}.", "Ref {n}, sent from my phone.", "(account {n})", "Thanks, {name}.",
+          "{name} from the {n} branch.", "Update {n}:", "cc {name}", "Case {n} still open?", ""]
+DENSE_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def make_corpus(n: int, seed: int = 0) -> list[str]:
-    """``n`` texts built from the shipped sentences: 70% one sentence, 25% 2-4, 5% 6-20."""
+    """``n`` distinct texts from the shipped sentences: 70% one sentence, 25% 2-4, 5% 6-20,
+    each with a varied reference (order numbers, names) as in real tickets and chats."""
     path = resources.files("inference.builtin").joinpath("data/sentiment_train.jsonl")
     sentences = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(seed)
-    corpus = []
-    for _ in range(n):
+    corpus: list[str] = []
+    seen: set[str] = set()
+    while len(corpus) < n:
         roll = rng.random()
         k = 1 if roll < 0.70 else rng.randint(2, 4) if roll < 0.95 else rng.randint(6, 20)
-        corpus.append(" ".join(rng.choice(sentences) for _ in range(k)))
+        tail = rng.choice(_TAILS).format(n=rng.randint(1000, 999999), name=rng.choice(_NAMES))
+        text = " ".join(rng.choice(sentences) for _ in range(k)) + (" " + tail if tail else "")
+        if text not in seen:
+            seen.add(text)
+            corpus.append(text)
     return corpus
 
 
-def _time(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def _rate(name: str, seconds: float, texts: int, tokens: int, labels: list[str] | None = None,
+          reference: list[str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "seconds": round(seconds, 3), "texts": texts,
+                           "texts_per_s": round(texts / seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}
+    if labels is not None and reference is not None:
+        out["agreement_vs_fp32"] = round(sum(a == b for a, b in zip(labels, reference)) / len(labels), 4)
+    return out
 
 
-def _pipeline_baseline(engine: Any, texts: list[str], batch_size: int) -> tuple[float, list[str]]:
-    """transformers.pipeline on the same backbone (a BertForSequenceClassification sharing its weights)."""
+def _best_of(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _padded(engine: Any, texts: list[str]) -> tuple[list[tuple[tuple[int, ...], np.ndarray, np.ndarray]], int]:
+    ids = engine.tokenize(texts)
+    batches = plan_batches([len(x) for x in ids], engine.budget.value, engine.max_batch_size)
+    pad_id = engine.bundle.tokenizer.pad_token_id or 0
+    out = []
+    for b in batches:
+        a = np.full((len(b.indices), b.padded_length), pad_id, dtype=np.int64)
+        m = np.zeros_like(a)
+        for row, i in enumerate(b.indices):
+            a[row, : len(ids[i])] = ids[i]
+            m[row, : len(ids[i])] = 1
+        out.append((b.indices, a, m))
+    return out, sum(len(x) for x in ids)
+
+
+def _labels_from(batches: list[Any], results: list[np.ndarray], n: int, labels: tuple[str, ...]) -> list[str]:
+    out = [""] * n
+    for (indices, _, _), logits in zip(batches, results):
+        for i, row in zip(indices, logits.argmax(-1)):
+            out[i] = labels[int(row)]
+    return out
+
+
+def _onnx_int8(engine: Any, workdir: str) -> Any:
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path, int8_path = os.path.join(workdir, "m.onnx"), os.path.join(workdir, "m.int8.onnx")
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    torch.onnx.export(engine.bundle.module, example, fp32_path, input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}})
+    quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    return ort.InferenceSession(int8_path, providers=["CPUExecutionProvider"])
+
+
+def _openvino_bf16(engine: Any) -> Any:
+    from inference import openvino_backend as ovb
+
+    fp32, _ = ovb.load_models(engine.bundle, int8=False)
+    return ovb.compile_cpu(fp32, "bf16")
+
+
+def _run_openvino(compiled: Any, batches: list[Any]) -> list[np.ndarray]:
+    import openvino as ov
+
+    results: list[Any] = [None] * len(batches)
+    jobs = ov.AsyncInferQueue(compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+    jobs.set_callback(lambda req, i: results.__setitem__(i, req.get_output_tensor(0).data.copy()))
+    for i, (_, a, m) in enumerate(batches):
+        jobs.start_async({"input_ids": a, "attention_mask": m}, i)
+    jobs.wait_all()
+    return results
+
+
+def _pipeline(engine: Any, texts: list[str], batch_size: int) -> float:
     import torch
     from transformers import BertForSequenceClassification, pipeline
 
@@ -49,40 +138,157 @@ def _pipeline_baseline(engine: Any, texts: list[str], batch_size: int) -> tuple[
     pipe = pipeline("text-classification", model=clf, tokenizer=engine.bundle.tokenizer, device=-1,
                     truncation=True, max_length=engine.max_length)
     with torch.inference_mode():
-        pipe(texts[:4], batch_size=batch_size)  # warm-up
-        seconds, out = _time(lambda: pipe(texts, batch_size=batch_size))
-    return seconds, [o["label"] for o in out]
+        pipe(texts[:4], batch_size=batch_size)
+        start = time.perf_counter()
+        pipe(texts, batch_size=batch_size)
+        return time.perf_counter() - start
 
 
-def run_bench(n_texts: int = 2000, model: str = "builtin:sentiment", devices: str = "auto",
-              include_pipeline: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the comparison and return (and echo) texts/s, tokens/s and ratios."""
+def run_cpu_bench(n_texts: int, model: str, baselines: bool, echo: Callable[[str], None],
+                  rounds: int = 3) -> dict[str, Any]:
+    """CPU comparison; each contender's best of ``rounds`` interleaved runs."""
     texts = make_corpus(n_texts)
-    results: dict[str, Any] = {"texts": n_texts, "model": model, "devices": devices, "runs": {}}
-    with load_engine(model, devices, "fp32") as engine:
-        tokens = sum(len(x) for x in engine.tokenize(texts))
-        results["tokens"] = tokens
-        results["mean_tokens"] = round(tokens / n_texts, 1)
-        engine.classify(texts[:64])  # warm-up
-        seconds, preds = _time(lambda: engine.classify(texts))
-        results["runs"]["engine_fp32"] = {"seconds": seconds}
-        if include_pipeline and model.startswith("builtin:"):
-            pipe_texts = texts[: max(64, n_texts // 4)]  # the baseline is slow; rates are per text
+    result: dict[str, Any] = {"device": "cpu", "texts": n_texts, "model": model, "rounds": rounds, "runs": []}
+    with load_engine(model, "cpu", "fp32", cache_entries=0) as ref:
+        tokens = sum(len(x) for x in ref.tokenize(texts))
+        result["mean_tokens"] = round(tokens / n_texts, 1)
+        result["max_tokens"] = max(len(x) for x in ref.tokenize(texts))
+        ref.classify(texts[:32])
+        sec, preds = _best_of(1, lambda: ref.classify(texts))
+        reference = [p.label for p in preds]
+        result["runs"].append(_rate("engine fp32 (reference)", sec, n_texts, tokens, reference, reference))
+        if baselines and model.startswith("builtin:"):
+            sub = texts[: max(64, n_texts // 5)]
+            sub_tokens = sum(len(x) for x in ref.tokenize(sub))
             for bs in (1, 32):
-                sec, _ = _pipeline_baseline(engine, pipe_texts, bs)
-                pipe_tokens = sum(len(x) for x in engine.tokenize(pipe_texts))
-                results["runs"][f"pipeline_batch{bs}"] = {"seconds": sec, "texts": len(pipe_texts), "tokens": pipe_tokens}
-    for name, run in results["runs"].items():
-        n = run.get("texts", n_texts)
-        tok = run.get("tokens", tokens)
-        run["texts_per_s"] = round(n / run["seconds"], 1)
-        run["tokens_per_s"] = round(tok / run["seconds"], 1)
-    base = [r["texts_per_s"] for k, r in results["runs"].items() if k.startswith("pipeline")]
-    if base:
-        results["engine_vs_best_pipeline"] = round(results["runs"]["engine_fp32"]["texts_per_s"] / max(base), 2)
-    echo(f"corpus: {n_texts} texts, mean {results['mean_tokens']} tokens; model {model}; devices {devices}")
-    for name, run in results["runs"].items():
-        echo(f"  {name:<18} {run['texts_per_s']:>10.1f} texts/s {run['tokens_per_s']:>12.1f} tokens/s")
-    if "engine_vs_best_pipeline" in results:
-        echo(f"  engine / best transformers.pipeline = {results['engine_vs_best_pipeline']}x")
-    return results
+                result["runs"].append(_rate(f"transformers.pipeline batch {bs}", _pipeline(ref, sub, bs), len(sub), sub_tokens))
+    with load_engine(model, "cpu", "auto", cache_entries=0) as engine:
+        contenders: dict[str, tuple[Callable[[], Any], Callable[[Any], list[str]]]] = {
+            f"engine auto ({next(iter(engine.modes.values()))})":
+                (lambda: engine.classify(texts), lambda out: [p.label for p in out]),
+        }
+        result["engine_mode"] = engine.modes
+        with tempfile.TemporaryDirectory() as tmp:
+            if baselines:
+                batches, _ = _padded(engine, texts)
+                session = _onnx_int8(engine, tmp)
+                compiled = _openvino_bf16(engine)
+                contenders["onnxruntime int8 (same batches)"] = (
+                    lambda: [session.run(None, {"input_ids": a, "attention_mask": m})[0] for _, a, m in batches],
+                    lambda out: _labels_from(batches, out, n_texts, engine.labels))
+                contenders["openvino bf16 (same batches, async)"] = (
+                    lambda: _run_openvino(compiled, batches), lambda out: _labels_from(batches, out, n_texts, engine.labels))
+            best = {name: float("inf") for name in contenders}
+            outputs: dict[str, Any] = {}
+            for name, (fn, _) in contenders.items():
+                fn()  # warm-up: compiled shapes, caches
+            for _ in range(rounds):  # interleaved, so machine noise hits every contender alike
+                for name, (fn, _) in contenders.items():
+                    start = time.perf_counter()
+                    outputs[name] = fn()
+                    best[name] = min(best[name], time.perf_counter() - start)
+            for name, (_, labels) in contenders.items():
+                result["runs"].append(_rate(name, best[name], n_texts, tokens, labels(outputs[name]), reference))
+    _ratios(result)
+    return result
+
+
+def _ratios(result: dict[str, Any]) -> None:
+    runs = {r["name"]: r for r in result["runs"]}
+    engine = next(r for n, r in runs.items() if n.startswith("engine auto"))
+    pipe = [r["texts_per_s"] for n, r in runs.items() if n.startswith("transformers.pipeline")]
+    rt = [r["texts_per_s"] for n, r in runs.items() if n.startswith(("onnxruntime", "openvino"))]
+    if pipe:
+        result["engine_vs_best_pipeline"] = round(engine["texts_per_s"] / max(pipe), 2)
+    if rt:
+        result["engine_vs_best_runtime"] = round(engine["texts_per_s"] / max(rt), 2)
+    result["engine_agreement_vs_fp32"] = engine.get("agreement_vs_fp32")
+
+
+def _flops_per_token(config: Any, seq: float) -> float:
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    dense = layers * (4 * h * h + 2 * h * inter)  # QKV + output projection + feed-forward, per token
+    attention = layers * 2 * seq * h  # scores and weighted sum, per token
+    return 2.0 * (dense + attention)
+
+
+def run_gpu_bench(n_texts: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from inference.builtin import backbone_dir
+
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
+    texts = make_corpus(n_texts)
+    result: dict[str, Any] = {"device": name, "gpus": torch.cuda.device_count(), "texts": n_texts, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          num_labels=3)
+        BertForSequenceClassification(base).save_pretrained(tmp, safe_serialization=True)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(backbone_dir())).save_pretrained(tmp)
+        for label, model in (("builtin:sentiment (MiniLM-L6)", "builtin:sentiment"), ("BERT-base size (random)", tmp)):
+            targets = [("cuda:0", 1)] + ([("cuda", result["gpus"])] if result["gpus"] > 1 else [])
+            for devices, count in targets:
+                with load_engine(model, devices, "auto", cache_entries=0) as engine:
+                    ids = engine.tokenize(texts)
+                    tokens = sum(len(x) for x in ids)
+                    engine.classify(texts[: min(len(texts), 20000)])
+                    torch.cuda.synchronize()
+                    sec, _ = _best_of(2, lambda: engine.classify(texts))
+                    config = engine.bundle.module.backbone.config if model.startswith("builtin") else \
+                        engine.bundle.module.inner.config
+                    run = _rate(f"{label} on {devices}", sec, n_texts, tokens)
+                    run["gpus"] = count
+                    if peak:
+                        flops = _flops_per_token(config, tokens / n_texts) * tokens / sec
+                        run["share_of_dense_bf16_peak"] = round(flops / (peak * count), 4)
+                    result["runs"].append(run)
+    return result
+
+
+def run_memory_loop(total: int, chunk: int = 1000, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Classify ``total`` fresh texts in chunks; report resident memory along the way (MiB)."""
+    import resource
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+    samples = []
+    with load_engine("builtin:sentiment", "cpu", "auto") as engine:
+        done, seed = 0, 0
+        while done < total:
+            engine.classify(make_corpus(chunk, seed=seed))
+            seed += 1
+            done += chunk
+            if done % max(chunk, total // 10) == 0:
+                samples.append((done, round(rss_mib(), 1)))
+                echo(f"  {done:>9} texts  rss {samples[-1][1]:8.1f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"texts": total, "rss_mib": samples, "peak_mib": round(peak, 1)}
+
+
+def run_bench(n_texts: int = 2000, model: str = "builtin:sentiment", devices: str = "cpu",
+              include_pipeline: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the CPU or GPU comparison and return (and echo) the results."""
+    if devices.startswith("cuda"):
+        result = run_gpu_bench(n_texts, echo)
+    else:
+        result = run_cpu_bench(n_texts, model, include_pipeline, echo)
+    echo(f"corpus: {result['texts']} distinct texts" + (f", mean {result['mean_tokens']} tokens, max {result['max_tokens']}"
+                                                          if "mean_tokens" in result else "") + f"; device {result['device']}")
+    for run in result["runs"]:
+        line = f"  {run['name']:<44} {run['texts_per_s']:>10.1f} texts/s {run['tokens_per_s']:>12.1f} tokens/s"
+        if "agreement_vs_fp32" in run:
+            line += f"  agree {run['agreement_vs_fp32']:.4f}"
+        if "share_of_dense_bf16_peak" in run:
+            line += f"  {100 * run['share_of_dense_bf16_peak']:.1f}% of dense bf16 peak"
+        echo(line)
+    if "engine_vs_best_pipeline" in result:
+        echo(f"  engine / best transformers.pipeline = {result['engine_vs_best_pipeline']}x")
+    if "engine_vs_best_runtime" in result:
+        echo(f"  engine / faster of onnxruntime int8 and openvino bf16 = {result['engine_vs_best_runtime']}x")
+    return result

@@ -1,33 +1,37 @@
-"""The inference engine: tokenization, token-budget batches, one executor per device.
+"""The inference engine: dedup cache, tokenization, token-budget batches, one executor per device.
 
-``classify`` tokenizes in the caller's thread, plans length-sorted batches
-(:mod:`inference.batching`) and keeps up to two batches in flight per device
-replica, so the next batch is padded while a device runs the current one.
-Batches go to the least-loaded live replica. A replica that raises is taken
-out and its batch reruns elsewhere; a CUDA out-of-memory error splits the
-batch in two and retries.
+``classify`` serves repeated texts from the cache, tokenizes the rest in the
+caller's thread (long texts truncated, or cut into overlapping windows whose
+probabilities are averaged), plans length-sorted batches
+(:mod:`inference.batching`) and keeps each device replica busy with up to
+``concurrency + 1`` batches in flight, so the next batch is padded while a
+device runs the current one. Batches go to the least-loaded live replica. A
+replica that raises is taken out and its batch reruns elsewhere; a CUDA
+out-of-memory error splits the batch in two and retries.
 """
 
 from __future__ import annotations
 
-import copy
+import queue
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from inference import metrics
-from inference.batching import Batch, plan_batches
+from inference.batching import Batch, TokenBudget, plan_batches, should_dispatch
+from inference.cache import PredictionCache
 from inference.errors import DeviceError, InferenceError
 from inference.model import ModelBundle
+from inference.runtimes import OpenVINORunner, Runner, TorchRunner
 from inference.types import Prediction
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_IN_FLIGHT_PER_REPLICA = 2
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+LONG_TEXT = ("truncate", "chunk")
 _WAIT_STEP_S = 30.0
 
 
@@ -35,35 +39,47 @@ _WAIT_STEP_S = 30.0
 class _Replica:
     name: str
     device: torch.device
-    module: torch.nn.Module
-    dtype: torch.dtype
+    runner: Runner
     executor: ThreadPoolExecutor
+    concurrency: int = 1
     in_flight: int = 0
     alive: bool = True
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def resolve_precision(precision: str, device: str) -> torch.dtype:
-    """The compute dtype for ``precision`` on ``device`` (``auto``: bf16/fp16 on GPU, fp32 on CPU)."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise InferenceError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16")
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.startswith("cpu"):
-            raise InferenceError("precision='fp16' is not supported on CPU; use fp32 or bf16")
-        return torch.float16
+def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: bool) -> str:
+    """The runtime and precision used for ``precision`` on ``device``.
+
+    CPU: ``auto`` -> OpenVINO int8 with a bf16 agreement guard when OpenVINO
+    and NNCF are installed, else PyTorch fp32; ``bf16`` -> OpenVINO bf16 (else
+    PyTorch autocast). GPU: ``auto`` -> bf16 (fp16 where bf16 is missing).
+    Raises InferenceError for unknown or unsupported combinations.
+    """
+    if precision not in PRECISIONS:
+        raise InferenceError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        if precision == "int8":
+            raise InferenceError("precision='int8' is for CPU; use bf16 or fp16 on GPU")
+        if precision == "auto":
+            return "torch-bf16" if torch.cuda.is_bf16_supported() else "torch-fp16"
+        return f"torch-{precision}"
+    if precision == "fp16":
+        raise InferenceError("precision='fp16' is not supported on CPU; use int8, bf16 or fp32")
+    if precision == "int8":
+        if not openvino_int8:
+            raise InferenceError("precision='int8' on CPU needs the 'openvino' and 'nncf' packages")
+        return "openvino-int8"
+    if precision == "bf16":
+        return "openvino-bf16" if openvino else "torch-bf16"
+    if precision == "auto":
+        return "openvino-int8" if openvino_int8 else "torch-fp32"
+    return "torch-fp32"
 
 
 class Engine:
     """Classifies texts with one model replicated over one or more devices.
 
-    Thread-safe for one caller at a time per engine (calls are serialised).
+    Calls are serialised; :meth:`submit` lets many callers share batches.
     Use as a context manager or call :meth:`close`.
     """
 
@@ -72,48 +88,90 @@ class Engine:
         bundle: ModelBundle,
         devices: Sequence[str],
         precision: str = "auto",
-        max_batch_tokens: int = 16384,
-        max_batch_size: int = 256,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
         long_text: str = "truncate",
+        cache_entries: int = 100_000,
+        cache_bytes: int = 64 << 20,
+        target_latency_ms: float | None = None,
+        max_batch_delay_ms: float = 5.0,
+        chunk_overlap: int = 64,
     ) -> None:
-        if long_text != "truncate":
-            raise InferenceError(f"long_text={long_text!r} is not supported; use 'truncate'")
+        if long_text not in LONG_TEXT:
+            raise InferenceError(f"long_text={long_text!r}; expected 'truncate' or 'chunk'")
         if not devices:
             raise DeviceError("no device given")
         self.bundle = bundle
         self.labels = bundle.labels
         self.model_name = bundle.name
         self.max_length = bundle.max_length
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_size = max_batch_size
+        on_gpu = any(str(d).startswith("cuda") for d in devices)
+        # measured here: small batches keep CPU caches warm; GPUs want large ones
+        max_batch_tokens = max_batch_tokens or (65536 if on_gpu else 2048)
+        self.max_batch_size = max_batch_size or (1024 if on_gpu else 32)
+        self.long_text = long_text
+        self.chunk_overlap = max(0, min(chunk_overlap, self.max_length // 2))
+        self.max_batch_delay_ms = max_batch_delay_ms
+        self.budget = TokenBudget(max_batch_tokens, target_latency_ms)
+        self.cache = PredictionCache(bundle.name, cache_entries, cache_bytes)
         self._call_lock = threading.Lock()
-        self._replicas: list[_Replica] = []
-        for i, dev in enumerate(devices):
-            dtype = resolve_precision(precision, dev)
-            device = torch.device(dev)
-            module = bundle.module
-            if device.type != "cpu" or dtype != torch.float32:
-                module = copy.deepcopy(bundle.module) if len(devices) > 1 else bundle.module
-                module = module.to(device=device, dtype=dtype if device.type != "cpu" else torch.float32)
-            module.eval()
-            self._replicas.append(
-                _Replica(
-                    name=f"{dev}#{i}",
-                    device=device,
-                    module=module,
-                    dtype=dtype,
-                    executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nlpstream-{dev}-{i}"),
-                )
-            )
+        self._collector: _Collector | None = None
+        self._replicas = self._build_replicas(list(devices), precision)
         self.devices = tuple(r.name for r in self._replicas)
+        self.modes = {r.name: r.runner.name for r in self._replicas}
         self._closed = False
+
+    # -- construction -----------------------------------------------------
+    def _build_replicas(self, devices: list[str], precision: str) -> list[_Replica]:
+        from inference import openvino_backend as ovb
+
+        has_ov = any(d.startswith("cpu") for d in devices) and ovb.available()
+        has_nncf = has_ov and ovb.available(int8=True)
+        cpu_count = sum(d.startswith("cpu") for d in devices)
+        shared: dict[str, Runner] = {}
+        replicas = []
+        for i, dev in enumerate(devices):
+            mode = precision_mode(precision, dev, has_ov, has_nncf)
+            device = torch.device(dev)
+            if device.type == "cpu":  # CPU replicas share one runner and split its concurrency
+                if mode not in shared:
+                    shared[mode] = self._make_runner(mode, device)
+                runner = shared[mode]
+                concurrency = max(1, runner.concurrency // cpu_count)
+            else:
+                runner = self._make_runner(mode, device)
+                concurrency = runner.concurrency
+            replicas.append(_Replica(
+                name=f"{dev}#{i}", device=device, runner=runner, concurrency=concurrency,
+                executor=ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"nlpstream-{dev}-{i}"),
+            ))
+        return replicas
+
+    def _make_runner(self, mode: str, device: torch.device) -> Runner:
+        if mode.startswith("openvino"):
+            from inference import openvino_backend as ovb
+
+            fp32, int8 = ovb.load_models(self.bundle, int8=mode == "openvino-int8")
+            if int8 is None:
+                return OpenVINORunner(ovb.compile_cpu(fp32, "bf16"), "openvino-bf16")
+            return OpenVINORunner(ovb.compile_cpu(int8, "bf16"), "openvino-int8+bf16-guard",
+                                  guard=ovb.compile_cpu(fp32, "bf16", latency=True), guard_margin=ovb.GUARD_MARGIN)
+        dtype = {"torch-fp32": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}[mode]
+        module = self.bundle.module
+        if device.type == "cuda":
+            import copy
+
+            module = copy.deepcopy(module).to(device=device, dtype=dtype)
+        module.eval()
+        return TorchRunner(module, device, dtype)
 
     # -- public API -------------------------------------------------------
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         """Label ``texts``; results are in the caller's order, one per text.
 
-        Identical texts are computed once. Raises InferenceError when every
-        device failed, DeviceError when the engine is closed.
+        Identical texts are computed once, and the cache serves texts seen
+        before. Raises InferenceError when every device failed, DeviceError
+        when the engine is closed.
         """
         if self._closed:
             raise DeviceError("engine is closed")
@@ -122,10 +180,34 @@ class Engine:
         unique: dict[str, int] = {}
         slots = [unique.setdefault(t, len(unique)) for t in texts]
         distinct = list(unique)
-        with self._call_lock:
-            probs = self._run(distinct)
-        preds = [self._prediction(row) for row in probs]
+        rows: list[list[float] | None] = [None] * len(distinct)
+        keys = [self.cache.key(t) for t in distinct] if self.cache.enabled else []
+        if keys:
+            for i, key in enumerate(keys):
+                rows[i] = self.cache.get(key)
+            hits = sum(r is not None for r in rows)
+            metrics.CACHE_REQUESTS.labels("hit").inc(hits)
+            metrics.CACHE_REQUESTS.labels("miss").inc(len(distinct) - hits)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            with self._call_lock:
+                computed = self._classify_texts([distinct[i] for i in missing])
+            for i, row in zip(missing, computed):
+                rows[i] = row
+                if keys:
+                    self.cache.put(keys[i], row)
+        preds = [self._prediction(row) for row in rows]  # type: ignore[arg-type]
         return [preds[s] for s in slots]
+
+    def submit(self, texts: Sequence[str]) -> Future[list[Prediction]]:
+        """Queue ``texts`` to be batched with other callers' within ``max_batch_delay_ms``."""
+        if self._closed:
+            raise DeviceError("engine is closed")
+        if self._collector is None:
+            with self._call_lock:
+                if self._collector is None:
+                    self._collector = _Collector(self)
+        return self._collector.add(list(texts))
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, special tokens included, truncated to the model's maximum."""
@@ -144,6 +226,8 @@ class Engine:
         """Stop the device workers; later calls raise DeviceError. Idempotent."""
         if self._closed:
             return
+        if self._collector is not None:
+            self._collector.stop()  # answers what is queued first
         self._closed = True
         for replica in self._replicas:
             replica.executor.shutdown(wait=True)
@@ -159,6 +243,41 @@ class Engine:
         best = max(range(len(row)), key=row.__getitem__)
         return Prediction(label=self.labels[best], score=float(row[best]), probs=dict(zip(self.labels, row)))
 
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """(prefix, suffix) special tokens the tokenizer wraps one text in, e.g. [CLS] / [SEP]."""
+        specials = list(self.bundle.tokenizer("", add_special_tokens=True)["input_ids"])
+        return (specials[:1], specials[1:]) if len(specials) >= 2 else ([], specials)
+
+    def _windows(self, text: str) -> list[list[int]]:
+        """Token windows of at most max_length, overlapping by ``chunk_overlap`` tokens."""
+        body = self.bundle.tokenizer(text, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                                     return_token_type_ids=False)["input_ids"]
+        prefix, suffix = self._specials()
+        room = self.max_length - len(prefix) - len(suffix)
+        if len(body) <= room:
+            return [prefix + body + suffix]
+        step = max(1, room - self.chunk_overlap)
+        starts = range(0, max(1, len(body) - self.chunk_overlap), step)
+        return [prefix + body[s : s + room] + suffix for s in starts]
+
+    def _classify_texts(self, texts: list[str]) -> list[list[float]]:
+        if self.long_text == "truncate":
+            return self._run(self.tokenize(texts))
+        items: list[list[int]] = []
+        owners: list[int] = []
+        for t_index, text in enumerate(texts):
+            windows = self._windows(text)
+            items.extend(windows)
+            owners.extend([t_index] * len(windows))
+        item_rows = self._run(items)
+        sums: list[list[float]] = [[0.0] * len(self.labels) for _ in texts]
+        weights = [0.0] * len(texts)
+        for owner, ids, row in zip(owners, items, item_rows):
+            w = float(len(ids))
+            weights[owner] += w
+            sums[owner] = [s + w * p for s, p in zip(sums[owner], row)]
+        return [[s / weights[i] for s in sums[i]] for i in range(len(texts))]
+
     def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pad_id = self.bundle.tokenizer.pad_token_id or 0
         width = batch.padded_length
@@ -171,48 +290,43 @@ class Engine:
         return input_ids, mask
 
     def _forward(self, replica: _Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return replica.runner(input_ids, mask)
+
+    def _timed(self, replica: _Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        with torch.inference_mode():
-            input_ids = input_ids.to(replica.device, non_blocking=True)
-            mask = mask.to(replica.device, non_blocking=True)
-            if replica.device.type == "cpu" and replica.dtype == torch.bfloat16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = replica.module(input_ids, mask)
-            else:
-                logits = replica.module(input_ids, mask)
-            probs = torch.softmax(logits.float(), dim=-1).cpu()
-        metrics.BATCH_SECONDS.labels(replica.name).observe(time.perf_counter() - start)
-        return probs
+        probs = self._forward(replica, input_ids, mask)
+        seconds = time.perf_counter() - start
+        metrics.BATCH_SECONDS.labels(replica.name).observe(seconds)
+        return probs, seconds
 
     def _pick(self) -> _Replica:
         live = [r for r in self._replicas if r.alive]
         if not live:
             raise InferenceError("every device replica failed; see nlpstream_inference_device_failures_total")
-        return min(live, key=lambda r: r.in_flight)
+        return min(live, key=lambda r: r.in_flight / r.concurrency)
 
-    def _run(self, texts: list[str]) -> list[list[float]]:
-        ids = self.tokenize(texts)
+    def _run(self, ids: list[list[int]]) -> list[list[float]]:
         lengths = [len(x) for x in ids]
-        pending: list[Batch] = plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+        pending: list[Batch] = plan_batches(lengths, self.budget.value, self.max_batch_size)
         pending.reverse()  # pop() takes the longest first
-        results: list[list[float] | None] = [None] * len(texts)
-        running: dict[Future[torch.Tensor], tuple[_Replica, Batch]] = {}
+        results: list[list[float] | None] = [None] * len(ids)
+        running: dict[Future[tuple[torch.Tensor, float]], tuple[_Replica, Batch]] = {}
         while pending or running:
-            while pending and self._pick().in_flight < _IN_FLIGHT_PER_REPLICA:
+            while pending and (r := self._pick()).in_flight < r.concurrency + 1:
                 batch = pending.pop()
-                replica = self._pick()
                 input_ids, mask = self._pad(ids, batch)
                 metrics.BATCH_TEXTS.observe(len(batch.indices))
                 metrics.BATCH_TOKENS.observe(batch.padded_tokens)
                 metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
-                replica.in_flight += 1
-                running[replica.executor.submit(self._forward, replica, input_ids, mask)] = (replica, batch)
+                r.in_flight += 1
+                running[r.executor.submit(self._timed, r, input_ids, mask)] = (r, batch)
+            metrics.QUEUE_DEPTH.set(len(pending) + len(running))
             done, _ = wait(list(running), timeout=_WAIT_STEP_S, return_when=FIRST_COMPLETED)
             for fut in done:
                 replica, batch = running.pop(fut)
                 replica.in_flight -= 1
                 try:
-                    probs = fut.result()
+                    probs, seconds = fut.result()
                 except torch.cuda.OutOfMemoryError:
                     metrics.DEVICE_FAILURES.labels(replica.name, "oom").inc()
                     pending.extend(self._split(batch, lengths))
@@ -225,9 +339,33 @@ class Engine:
                     pending.append(batch)
                     self._pick()  # raises when no replica is left
                     continue
+                metrics.TOKEN_BUDGET.set(self.budget.observe(batch.padded_tokens, seconds))
                 for row, idx in enumerate(batch.indices):
                     results[idx] = probs[row].tolist()
-        return [r if r is not None else [] for r in results]
+        metrics.QUEUE_DEPTH.set(0)
+        rows = [r if r is not None else [] for r in results]
+        self._guard(ids, rows)
+        return rows
+
+    def _guard(self, ids: list[list[int]], rows: list[list[float]]) -> None:
+        """Rerun the rows whose top-two margin is below the runner's guard margin through its guard graph.
+
+        Done once per call, in length-sorted batches, so the reruns batch as well as the first pass.
+        """
+        runner = next((r.runner for r in self._replicas if r.alive and getattr(r.runner, "guard", None) is not None), None)
+        if runner is None:
+            return
+        margin = runner.guard_margin  # type: ignore[attr-defined]
+        unsure = [i for i, row in enumerate(rows) if len(row) > 1 and _margin(row) < margin]
+        if not unsure:
+            return
+        metrics.GUARD_RERUNS.inc(len(unsure))
+        sub = [ids[i] for i in unsure]
+        for batch in plan_batches([len(x) for x in sub], self.budget.value, self.max_batch_size):
+            input_ids, mask = self._pad(sub, batch)
+            probs = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
+            for row, idx in enumerate(batch.indices):
+                rows[unsure[idx]] = probs[row].tolist()
 
     @staticmethod
     def _split(batch: Batch, lengths: list[int]) -> list[Batch]:
@@ -236,3 +374,63 @@ class Engine:
         half = len(batch.indices) // 2
         parts = (batch.indices[:half], batch.indices[half:])
         return [Batch(p, max(lengths[i] for i in p)) for p in parts]
+
+
+def _margin(row: list[float]) -> float:
+    top = sorted(row)[-2:]
+    return top[1] - top[0]
+
+
+class _Collector:
+    """Merges :meth:`Engine.submit` calls into shared batches (max_batch_delay_ms)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: queue.Queue[tuple[list[str], Future[list[Prediction]], float] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="nlpstream-collector", daemon=True)
+        self._thread.start()
+
+    def add(self, texts: list[str]) -> Future[list[Prediction]]:
+        fut: Future[list[Prediction]] = Future()
+        self._queue.put((texts, fut, time.monotonic()))
+        return fut
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=_WAIT_STEP_S)
+
+    def _loop(self) -> None:
+        pending: list[tuple[list[str], Future[list[Prediction]], float]] = []
+        stopping = False
+        while not stopping or pending:
+            tokens = sum(len(t) // 4 + 2 for texts, _, _ in pending for t in texts)
+            oldest_ms = (time.monotonic() - pending[0][2]) * 1000 if pending else 0.0
+            if pending and (stopping or should_dispatch(tokens, oldest_ms, self.engine.budget.value,
+                                                        self.engine.max_batch_delay_ms)):
+                self._dispatch(pending)
+                pending = []
+                continue
+            timeout = max(0.0005, (self.engine.max_batch_delay_ms - oldest_ms) / 1000) if pending else 0.5
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            if item is None:
+                stopping = True
+            else:
+                pending.append(item)
+
+    def _dispatch(self, pending: list[tuple[list[str], Future[list[Prediction]], float]]) -> None:
+        texts = [t for batch, _, _ in pending for t in batch]
+        try:
+            preds = self.engine.classify(texts) if not self.engine._closed else None
+            if preds is None:
+                raise DeviceError("engine is closed")
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+            for _, fut, _ in pending:
+                fut.set_exception(exc)
+            return
+        start = 0
+        for batch, fut, _ in pending:
+            fut.set_result(preds[start : start + len(batch)])
+            start += len(batch)

@@ -1,6 +1,6 @@
 """Prometheus metrics of the inference engine (process-global by design)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 BATCH_SECONDS = Histogram(
     "nlpstream_inference_batch_seconds",
@@ -27,4 +27,21 @@ DEVICE_FAILURES = Counter(
     "nlpstream_inference_device_failures_total",
     "Batches that failed on a device (the batch is rerun elsewhere or split).",
     ["device", "reason"],
+)
+GUARD_RERUNS = Counter(
+    "nlpstream_inference_guard_reruns_total",
+    "Texts whose int8 margin was too small and were rerun in fp32 (agreement guard).",
+)
+CACHE_REQUESTS = Counter(
+    "nlpstream_inference_cache_requests_total",
+    "Dedup cache look-ups by result (hit = served without inference).",
+    ["result"],
+)
+QUEUE_DEPTH = Gauge(
+    "nlpstream_inference_queue_depth",
+    "Batches planned but not yet finished in the current classify call.",
+)
+TOKEN_BUDGET = Gauge(
+    "nlpstream_inference_token_budget",
+    "Current max_batch_tokens (changes when target_latency_ms is set).",
 )

@@ -122,8 +122,7 @@ def backfill(
     if missing:
         _fail(f"input not found: {', '.join(missing)}")
     console = Console(stderr=True)
-    m = cfg.model
-    with load_engine(m.model, m.devices, m.precision, m.max_batch_tokens, m.max_batch_size) as engine:
+    with load_engine(**cfg.model.engine_options()) as engine:
         with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as progress:
             try:
@@ -213,17 +212,21 @@ def kafka_status(data_dir: Annotated[Path, typer.Option(help="Data folder given 
 
 @app.command()
 def bench(
-    texts: Annotated[int, typer.Option(help="Corpus size.")] = 2000,
+    texts: Annotated[int, typer.Option(help="Corpus size (distinct texts).")] = 2000,
     model: ModelOpt = None,
-    devices: DevicesOpt = None,
+    devices: Annotated[str, typer.Option(help="cpu, or cuda for the GPU variant.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
-    skip_pipeline: Annotated[bool, typer.Option(help="Skip the transformers.pipeline baseline.")] = False,
+    baselines: Annotated[bool, typer.Option(help="Run transformers.pipeline, ONNX Runtime and OpenVINO too.")] = True,
+    memory_loop: Annotated[int, typer.Option(help="Also classify this many fresh texts and report resident memory.")] = 0,
 ) -> None:
-    """Compare the engine with transformers.pipeline on one mixed-length corpus, side by side."""
-    from inference.bench import run_bench
+    """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16, side by side."""
+    logging.basicConfig(level=logging.WARNING)
+    from inference.bench import run_bench, run_memory_loop
 
-    result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices or "auto",
-                       include_pipeline=not skip_pipeline, echo=typer.echo)
+    result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
+                       include_pipeline=baselines, echo=typer.echo)
+    if memory_loop:
+        result["memory_loop"] = run_memory_loop(memory_loop, echo=typer.echo)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
 

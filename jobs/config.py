@@ -77,9 +77,20 @@ class ModelConfig(_Section):
 
     model: str = Field("builtin:sentiment", description="builtin:sentiment, a local HF directory or a cached hub id.")
     devices: str = Field("auto", description="auto, cpu, cpu:N, cuda, cuda:0,cuda:1.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    max_batch_tokens: int = Field(16384, ge=1, description="Padded tokens per device batch.")
-    max_batch_size: int = Field(256, ge=1, description="Texts per device batch.")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+        "auto", description="auto: int8 (OpenVINO, fp32 agreement guard) on CPU, bf16 on GPU.")
+    max_batch_tokens: int | None = Field(None, ge=1, description="Padded tokens per device batch (default 2048 CPU, 65536 GPU).")
+    max_batch_size: int | None = Field(None, ge=1, description="Texts per device batch (default 32 CPU, 1024 GPU).")
+    long_text: Literal["truncate", "chunk"] = Field("truncate", description="Long texts: keep the first tokens, or average overlapping windows.")
+    cache_entries: int = Field(100_000, ge=0, description="Dedup cache entries (0 disables).")
+    target_latency_ms: float | None = Field(None, gt=0, description="Adapt the token budget to keep batches under this latency.")
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`inference.load_engine`."""
+        return {"model": self.model, "devices": self.devices, "precision": self.precision,
+                "max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
+                "long_text": self.long_text, "cache_entries": self.cache_entries,
+                "target_latency_ms": self.target_latency_ms}
 
 
 class OutputConfig(_Section):

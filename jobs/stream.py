@@ -108,8 +108,7 @@ class StreamJob:
             self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
         if self._engine is None:
-            m = cfg.model
-            self._engine = load_engine(m.model, m.devices, m.precision, m.max_batch_tokens, m.max_batch_size)
+            self._engine = load_engine(**cfg.model.engine_options())
         conn = connection_settings(cfg)
         self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
                                  "none" if cfg.output.compression == "none" else cfg.output.compression)

@@ -132,9 +132,19 @@ def read_output(path: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
+    """The builtin model in the engine's reference path (fp32, no cache): deterministic."""
     from inference import load_engine
 
-    with load_engine("builtin:sentiment", devices="cpu") as eng:
+    with load_engine("builtin:sentiment", devices="cpu", precision="fp32", cache_entries=0) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+def fast_engine() -> Iterator[Any]:
+    """The builtin model as ``precision=auto`` runs it on CPU (OpenVINO int8 + guard), no cache."""
+    from inference import load_engine
+
+    with load_engine("builtin:sentiment", devices="cpu", precision="auto", cache_entries=0) as eng:
         yield eng
 
 

@@ -45,3 +45,28 @@ def test_no_torch_import():
 
     code = "import sys, inference.batching; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_should_dispatch():
+    from inference.batching import should_dispatch
+
+    assert should_dispatch(5000, 0, 4096, 10)
+    assert should_dispatch(10, 11, 4096, 10)
+    assert not should_dispatch(10, 5, 4096, 10)
+    assert not should_dispatch(0, 100, 4096, 10)
+
+
+def test_token_budget_adapts_only_with_a_target():
+    from inference.batching import TokenBudget
+
+    fixed = TokenBudget(4096)
+    assert fixed.observe(4096, 1.0) == 4096
+    adaptive = TokenBudget(4096, target_latency_ms=100, minimum=256, maximum=16384)
+    for _ in range(20):
+        adaptive.observe(4096, 0.4)  # 0.1 ms per token -> ~1000 tokens for 100 ms
+    assert 900 <= adaptive.value <= 1100
+    for _ in range(40):
+        adaptive.observe(1000, 0.001)  # much faster device -> capped at maximum
+    assert adaptive.value == 16384
+    with pytest.raises(ValueError):
+        TokenBudget(10, target_latency_ms=0)

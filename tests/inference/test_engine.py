@@ -63,7 +63,7 @@ def test_megabyte_text(engine):
 
 
 def test_two_cpu_replicas_share_the_work():
-    with load_engine(devices="cpu:2", max_batch_size=4) as eng:
+    with load_engine(devices="cpu:2", precision="fp32", max_batch_size=4, cache_entries=0) as eng:
         assert eng.devices == ("cpu#0", "cpu#1")
         calls = {"cpu#0": 0, "cpu#1": 0}
         original = eng._forward
@@ -79,7 +79,7 @@ def test_two_cpu_replicas_share_the_work():
 
 
 def test_failing_replica_is_taken_out_and_batch_reruns():
-    with load_engine(devices="cpu:2", max_batch_size=2) as eng:
+    with load_engine(devices="cpu:2", precision="fp32", max_batch_size=2, cache_entries=0) as eng:
         reference = [p.label for p in eng.classify(TEXTS)]
         original = eng._forward
 
@@ -94,7 +94,7 @@ def test_failing_replica_is_taken_out_and_batch_reruns():
 
 
 def test_all_replicas_failing_raises():
-    with load_engine(devices="cpu") as eng:
+    with load_engine(devices="cpu", precision="fp32", cache_entries=0) as eng:
         def broken(replica, ids, mask):
             raise RuntimeError("boom")
 
@@ -105,7 +105,7 @@ def test_all_replicas_failing_raises():
 
 def test_out_of_memory_splits_the_batch(engine):
     bundle = engine.bundle
-    with Engine(bundle, ["cpu"], "fp32", max_batch_size=8) as eng:
+    with Engine(bundle, ["cpu"], "fp32", max_batch_size=8, cache_entries=0) as eng:
         reference = [p.label for p in eng.classify(TEXTS)]
         original = eng._forward
 
@@ -119,17 +119,33 @@ def test_out_of_memory_splits_the_batch(engine):
 
 
 def test_closed_engine_refuses():
-    eng = load_engine(devices="cpu")
+    eng = load_engine(devices="cpu", precision="fp32")
     eng.close()
     with pytest.raises(InferenceError):
         eng.classify(["x"])
 
 
-def test_bf16_agrees_with_fp32(engine):
-    with Engine(engine.bundle, ["cpu"], "bf16") as eng16:
-        a = [p.label for p in engine.classify(TEXTS)]
-        b = [p.label for p in eng16.classify(TEXTS)]
-    assert sum(x == y for x, y in zip(a, b)) >= len(a) - 1
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_fast_precisions_batched_equal_single_and_agree_with_fp32(engine, precision):
+    from inference.bench import make_corpus
+
+    with Engine(engine.bundle, ["cpu"], precision, cache_entries=0) as fast:
+        assert fast.modes["cpu#0"].startswith("openvino")
+        batched = fast.classify(TEXTS)
+        for text, b in zip(TEXTS, batched):
+            single = fast.classify([text])[0]
+            assert single.label == b.label
+            for k in b.probs:
+                assert abs(single.probs[k] - b.probs[k]) < 0.02
+        corpus = make_corpus(400, seed=11)
+        ref = [p.label for p in engine.classify(corpus)]
+        got = [p.label for p in fast.classify(corpus)]
+    assert sum(a == b for a, b in zip(ref, got)) / len(ref) >= 0.99
+
+
+def test_auto_precision_on_cpu_is_guarded_int8(fast_engine, engine):
+    assert fast_engine.modes == {"cpu#0": "openvino-int8+bf16-guard"}
+    assert [p.label for p in fast_engine.classify(TEXTS[:6])] == [p.label for p in engine.classify(TEXTS[:6])]
 
 
 def test_corrupted_or_missing_head_is_refused(tmp_path):

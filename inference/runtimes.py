@@ -1,0 +1,90 @@
+"""Runners: what executes one padded batch on one device and returns probabilities.
+
+- :class:`TorchRunner`: PyTorch on CPU or CUDA, fp32 / bf16 / fp16.
+- :class:`OpenVINORunner` (CPU): OpenVINO bf16 or int8 (NNCF post-training
+  quantization, calibrated on shipped text), exported once and cached. In
+  int8 mode it carries a bf16 ``guard`` graph: the engine reruns every text
+  whose top-two probability margin is below ``guard_margin`` through
+  :meth:`OpenVINORunner.reference`, so labels agree with fp32 where int8 is
+  unsure.
+
+Every runner is thread-safe for ``concurrency`` simultaneous calls.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+
+class Runner(Protocol):
+    """Executes ``(input_ids, attention_mask) -> probs`` (float32, CPU tensor)."""
+
+    name: str
+    concurrency: int
+
+    def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchRunner:
+    """PyTorch execution; on CPU bf16 uses autocast, on CUDA the weights are cast."""
+
+    concurrency = 1
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+        self.name = f"torch-{str(dtype).removeprefix('torch.')}"
+
+    def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            mask = mask.to(self.device, non_blocking=True)
+            if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = self.module(input_ids, mask)
+            else:
+                logits = self.module(input_ids, mask)
+            return torch.softmax(logits.float(), dim=-1).cpu()
+
+
+class OpenVINORunner:
+    """OpenVINO CPU execution of a compiled model, one infer request per thread."""
+
+    def __init__(self, compiled: Any, name: str, guard: Any | None = None, guard_margin: float = 0.0,
+                 concurrency: int | None = None) -> None:
+        self.compiled = compiled
+        self.guard = guard
+        self.guard_margin = guard_margin
+        self.name = name
+        self.concurrency = concurrency or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._local = threading.local()
+
+    def _request(self, compiled: Any, slot: str) -> Any:
+        req = getattr(self._local, slot, None)
+        if req is None:
+            req = compiled.create_infer_request()
+            setattr(self._local, slot, req)
+        return req
+
+    @staticmethod
+    def _probs(logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float32)
+        logits -= logits.max(axis=-1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=-1, keepdims=True)
+
+    def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids_np, mask_np = input_ids.numpy(), mask.numpy()
+        out = self._request(self.compiled, "main").infer({"input_ids": ids_np, "attention_mask": mask_np})
+        return torch.from_numpy(self._probs(next(iter(out.values()))))
+
+    def reference(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Probabilities from the bf16 guard graph (the engine reruns unsure texts through it)."""
+        out = self._request(self.guard, "guard").infer({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        return torch.from_numpy(self._probs(next(iter(out.values()))))

@@ -39,6 +39,7 @@ class ConsumerSettings:
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 45_000
     max_partition_fetch_bytes: int = 8 * 1024 * 1024
+    fetch_max_bytes: int = 16 * 1024 * 1024
     group_instance_id: str | None = None
 
 
@@ -81,6 +82,9 @@ class KafkaInput:
                 max_poll_interval_ms=settings.max_poll_interval_ms,
                 session_timeout_ms=settings.session_timeout_ms,
                 max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+                fetch_max_bytes=settings.fetch_max_bytes,
+                # a fetch response holds up to fetch_max_bytes; the client refuses larger frames
+                receive_message_max_bytes=settings.fetch_max_bytes + (1 << 20),
                 **({"group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
             )
         except KafkaError as exc:

@@ -20,7 +20,21 @@ def stream_proc(bootstrap: str, topic: str, out: Path, group: str, *extra: str, 
            "--metrics-port", "0", *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", NLPSTREAM_KAFKA__SESSION_TIMEOUT_MS="6000", **(env or {}))
     sink = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(cmd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    STARTED.append(proc)
+    return proc
+
+
+STARTED: list[subprocess.Popen[str]] = []  # reaped after each test, whatever its outcome
+
+
+def reap() -> None:
+    """Kill every job a test started and left running (a failed assertion mid-test)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def files(out: Path) -> list[Path]:

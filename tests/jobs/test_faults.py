@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import json_messages, produce, read_output, read_topic
-from tests.jobs.faults import exactness, files, rows_in, stream_proc, wait_for
+from tests.jobs.faults import exactness, files, reap, rows_in, stream_proc, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
+
+
+@pytest.fixture(autouse=True)
+def _reap_jobs():
+    yield
+    reap()
 
 
 def report(fault: str, times: int, messages: int, result: dict[str, int], extra: str = "") -> None:

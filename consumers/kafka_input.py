@@ -2,9 +2,9 @@
 
 Auto-commit is always off: the job commits with :meth:`KafkaInput.commit`
 after its sinks are durable. Rebalance callbacks are forwarded as lists of
-``(topic, partition)``; kafka-python runs them on its IO thread while the
-caller is inside :meth:`poll`, so they must not call back into this consumer
-except :meth:`seek` (a local operation).
+``(topic, partition)``; they run while the caller is inside :meth:`poll`
+and must not call back into this consumer except :meth:`seek` (a local
+operation), which keeps them valid on kafka-python's 2.x and 3.x threading.
 """
 
 from __future__ import annotations

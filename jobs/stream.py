@@ -8,10 +8,10 @@ Guarantees (see README "Delivery guarantees"):
   crash at any point yields no lost and no duplicate rows;
 - bad records go to the dead-letter topic with a reason; the loop goes on.
 
-Threading: kafka-python runs rebalance callbacks on its IO thread while the
-main loop is inside ``poll``; callbacks and the loop share state under one
-lock, and callbacks never commit (kafka-python forbids blocking consumer
-calls there): the next owner resumes from the files instead.
+Threading: rebalance callbacks run while the main loop is inside ``poll``
+(on the polling thread with kafka-python 2.x, on its IO thread with 3.x);
+callbacks and the loop share state under one re-entrant lock, and callbacks
+never commit: the next owner resumes from the files instead.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ def stream(
     dlq_topic: Annotated[Optional[str], typer.Option(help="Dead-letter topic (default <topic>.dlq).")] = None,
     alert_topic: Annotated[Optional[str], typer.Option(help="Kafka topic for alerts.")] = None,
     alert_file: Annotated[Optional[str], typer.Option(help="JSONL file for alerts.")] = None,
+    alert_webhook_url: Annotated[Optional[str], typer.Option(help="HTTP(S) endpoint alerts are POSTed to.")] = None,
     alert_key_field: Annotated[Optional[str], typer.Option(help="JSON field for the per-key window rule.")] = None,
     max_messages: Annotated[Optional[int], typer.Option(help="Stop after this many messages.")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
@@ -72,6 +73,7 @@ def stream(
         "output.output": output, "output.include_text": False if no_text else None,
         "output.flush_interval": flush_interval, "metrics.metrics_port": metrics_port,
         "metrics.metrics_host": metrics_host, "alerts.alert_topic": alert_topic, "alerts.alert_file": alert_file,
+        "alerts.alert_webhook_url": alert_webhook_url,
         "alerts.window_key_field": alert_key_field, "max_messages": max_messages, "idle_timeout": idle_timeout,
     }
     try:

@@ -108,6 +108,8 @@ class AlertConfig(_Section):
 
     alert_topic: str | None = Field(None, description="Kafka topic for alerts.")
     alert_file: str | None = Field(None, description="JSONL file alerts are appended to.")
+    alert_webhook_url: str | None = Field(None, description="HTTP(S) endpoint each alert is POSTed to as JSON.")
+    alert_webhook_token: SecretStr | None = Field(None, description="Bearer token for the webhook (secret).")
     message_label: str = Field("negative", description="Label the rules watch.")
     message_min_score: float | None = Field(0.97, ge=0, le=1, description="Alert on one message at/above this score; null disables.")
     window_key_field: str | None = Field(None, description="JSON field(s) to group by, first present wins (e.g. 'customer,ticker'); null disables.")

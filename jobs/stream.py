@@ -31,7 +31,7 @@ from inference import DeviceError, Engine, Prediction, load_engine
 from jobs import metrics
 from jobs.alerts import AlertRules, LabeledMessage
 from jobs.config import StreamConfig
-from sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError
+from sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError, WebhookAlertSink
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -117,6 +117,10 @@ class StreamJob:
         self._alert_producer = None
         if cfg.alerts.alert_file:
             self._alert_sinks.append(FileAlertSink(cfg.alerts.alert_file))
+        if cfg.alerts.alert_webhook_url:
+            token = cfg.alerts.alert_webhook_token
+            auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+            self._alert_sinks.append(WebhookAlertSink(cfg.alerts.alert_webhook_url, headers=auth))
         if cfg.alerts.alert_topic:
             from kafka import KafkaProducer
 

@@ -4,7 +4,7 @@ A sink is small: ``write(rows)``, ``flush()`` (durable on return),
 ``close()``. Sinks never commit offsets; the job does, after every flush.
 """
 
-from sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink
+from sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink, WebhookAlertSink
 from sinks.errors import SinkBackpressure, SinkError, SinkWriteError
 from sinks.naming import FileKey, parse_name
 from sinks.parquet import ParquetSink, WrittenFile
@@ -21,6 +21,7 @@ __all__ = [
     "SinkBackpressure",
     "SinkError",
     "SinkWriteError",
+    "WebhookAlertSink",
     "WrittenFile",
     "arrow_schema",
     "parse_name",

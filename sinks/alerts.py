@@ -1,4 +1,4 @@
-"""Alert sinks: a Kafka topic and an append-only JSONL file.
+"""Alert sinks: a Kafka topic, an HTTP webhook and an append-only JSONL file.
 
 An alert is plain data with an ``id`` stable across replays; sinks drop an
 alert whose id they have already delivered (the file sink remembers the ids
@@ -147,6 +147,63 @@ class KafkaAlertSink:
             raise SinkWriteError(f"cannot deliver alerts to topic {self.topic!r}: {exc}") from exc
         metrics.ALERTS_SENT.labels("kafka").inc(len(self._futures))
         self._futures.clear()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class WebhookAlertSink:
+    """POSTs each alert as JSON to an HTTP(S) endpoint; delivered when :meth:`flush` returns.
+
+    The alert id travels in the ``Idempotency-Key`` header so receivers can
+    drop repeats. Each request has a timeout; failures are retried with
+    backoff up to ``retries`` times, then raise SinkWriteError (the job keeps
+    the offsets uncommitted and tries again later). Secrets in ``headers``
+    (e.g. an Authorization token) are never logged.
+    """
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout_s: float = 10.0,
+                 retries: int = 3, backoff_s: float = 0.5) -> None:
+        self.url = url
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._seen = _SeenIds()
+        self._pending: list[Alert] = []
+
+    def write(self, alerts: Sequence[Alert]) -> None:
+        self._pending.extend(a for a in alerts if self._seen.add(a.id))
+
+    def _post(self, alert: Alert) -> None:
+        import time
+        import urllib.error
+        import urllib.request
+
+        body = alert.to_json().encode("utf-8")
+        headers = {"Content-Type": "application/json", "Idempotency-Key": alert.id, **self.headers}
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    if 200 <= response.status < 300:
+                        return
+                    last = SinkWriteError(f"webhook answered HTTP {response.status}")
+            except urllib.error.HTTPError as exc:
+                last = exc
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    break  # the receiver refuses this alert; retrying will not help
+            except (urllib.error.URLError, OSError) as exc:
+                last = exc
+            time.sleep(self.backoff_s * (2**attempt))
+        raise SinkWriteError(f"webhook delivery of alert {alert.id} failed: {last}")
+
+    def flush(self) -> None:
+        while self._pending:
+            self._post(self._pending[0])
+            self._pending.pop(0)
+            metrics.ALERTS_SENT.labels("webhook").inc()
 
     def close(self) -> None:
         self.flush()

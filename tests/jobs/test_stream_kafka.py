@@ -151,10 +151,19 @@ def test_alert_burst_fires_once_and_replay_adds_no_new_id(kafka_bootstrap, make_
         msgs.append((customer.encode(), json.dumps({"id": f"a{i}", "customer": customer, "text": text}).encode()))
     produce(kafka_bootstrap, topic, msgs, timestamp_ms=1_790_000_000_000)
     alert_file = tmp_path / "alerts.jsonl"
+    from tests.sinks.test_webhook import Receiver
+
+    hook = Receiver()
     rules = AlertConfig(alert_topic=f"{unique}.alerts", alert_file=str(alert_file), message_min_score=None,
-                        window_key_field="customer", window_seconds=600, window_min_count=5, window_share=0.8)
-    first = StreamJob(config(kafka_bootstrap, topic, tmp_path / "o1", alerts=rules, max_messages=30), engine=engine).run()
+                        window_key_field="customer", window_seconds=600, window_min_count=5, window_share=0.8,
+                        alert_webhook_url=hook.url)
+    try:
+        first = StreamJob(config(kafka_bootstrap, topic, tmp_path / "o1", alerts=rules, max_messages=30), engine=engine).run()
+    finally:
+        hook.close()
     assert first.alerts == 1
+    assert [body["key"] for _, body in hook.received] == ["acme"]
+    rules = rules.model_copy(update={"alert_webhook_url": None})
     lines = [json.loads(x) for x in alert_file.read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["key"] == "acme" and lines[0]["kind"] == "window"
     # replay the same input with a new group: same id, so nothing new in the file

@@ -36,6 +36,12 @@ class BrokerInfo:
     controller_port: int
     data_dir: str
     version: str
+    sasl_port: int | None = None
+
+    @property
+    def sasl_bootstrap_servers(self) -> str | None:
+        """SASL_PLAINTEXT listener (SCRAM-SHA-256/512) when users were given at first start."""
+        return f"127.0.0.1:{self.sasl_port}" if self.sasl_port else None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -95,16 +101,31 @@ def _java() -> str:
     return java
 
 
-def _write_config(data_dir: Path, port: int, controller_port: int) -> Path:
+def _write_config(data_dir: Path, port: int, controller_port: int, sasl_port: int | None = None) -> Path:
     logs = data_dir / "kraft-logs"
+    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
+    advertised = f"PLAINTEXT://127.0.0.1:{port}"
+    protocol_map = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    sasl: dict[str, str] = {}
+    if sasl_port:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
+        advertised += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
+        protocol_map += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        sasl = {
+            "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": module,
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": module,
+        }
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "listeners": listeners,
+        "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "listener.security.protocol.map": protocol_map,
+        **sasl,
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(logs),
         "num.partitions": "1",
@@ -202,10 +223,13 @@ def start(
     version: str = DEFAULT_KAFKA_VERSION,
     timeout_s: float = 90.0,
     heap: str = "512m",
+    scram_users: dict[str, str] | None = None,
 ) -> BrokerInfo:
     """Start a broker in the background and return once it serves metadata.
 
-    ``port=0`` picks a free port (a restart reuses the recorded one). A
+    ``port=0`` picks a free port (a restart reuses the recorded one).
+    ``scram_users`` (first start only) adds a SASL_PLAINTEXT listener with
+    SCRAM-SHA-256/512 credentials for those users. A
     broker already running in ``data_dir`` is returned as is. The log
     directory is formatted once; later starts keep the data.
     """
@@ -218,16 +242,20 @@ def start(
     if port == 0:
         port = recorded.port if recorded is not None else free_port()
     controller_port = recorded.controller_port if recorded is not None else free_port()
-    config = _write_config(data, port, controller_port)
+    sasl_port = recorded.sasl_port if recorded is not None else (free_port() if scram_users else None)
+    config = _write_config(data, port, controller_port, sasl_port)
     java = _java()
     classpath = f"{libs}/*"
     jvm = [f"-Xmx{heap}", f"-Xms{heap}", f"-Dlog4j2.configurationFile={data / 'log4j2.properties'}",
            f"-Dkafka.logs.dir={data}", "-Djava.awt.headless=true"]
     if not (data / "kraft-logs" / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        scram = [arg for user, password in (scram_users or {}).items()
+                 for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512")
+                 for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")]
         fmt = subprocess.run(
             [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-             "-t", cluster_id, "-c", str(config)],
+             "-t", cluster_id, "-c", str(config), *scram],
             capture_output=True, text=True, timeout=120, check=False,
         )
         if fmt.returncode != 0:
@@ -238,7 +266,8 @@ def start(
         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     out.close()
-    info = BrokerInfo(pid=proc.pid, port=port, controller_port=controller_port, data_dir=str(data), version=version)
+    info = BrokerInfo(pid=proc.pid, port=port, controller_port=controller_port, data_dir=str(data), version=version,
+                      sasl_port=sasl_port)
     (data / _STATE_FILE).write_text(json.dumps(asdict(info)))
     try:
         _wait_ready(info, proc, timeout_s)

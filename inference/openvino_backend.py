@@ -29,6 +29,7 @@ from inference.model import ModelBundle
 log = logging.getLogger(__name__)
 GUARD_MARGIN = 0.03  # int8 top-two margin under which a text is rerun in bf16
 _CALIBRATION_TEXTS = 300
+RUNTIME_CACHE_CAPACITY = 256
 
 
 def available(int8: bool = False) -> bool:
@@ -146,5 +147,8 @@ def compile_cpu(model: Any, hint: str, latency: bool = False) -> Any:
     one request, for the guard's reruns)."""
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT"}
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT",
+              # shape-specific kernels are cached per (batch, length); the default 5000 entries
+              # let resident memory climb by ~0.5 GB over 50k texts, 256 keeps it nearly flat
+              "CPU_RUNTIME_CACHE_CAPACITY": str(RUNTIME_CACHE_CAPACITY)}
     return ov.Core().compile_model(model, "CPU", config)

@@ -120,6 +120,7 @@ class Engine:
         self.devices = tuple(r.name for r in self._replicas)
         self.modes = {r.name: r.runner.name for r in self._replicas}
         self._closed = False
+        self.last_tokens = 0  # tokens computed by the latest classify call (cache hits excluded)
 
     # -- construction -----------------------------------------------------
     def _build_replicas(self, devices: list[str], precision: str) -> list[_Replica]:
@@ -189,6 +190,7 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("hit").inc(hits)
             metrics.CACHE_REQUESTS.labels("miss").inc(len(distinct) - hits)
         missing = [i for i, r in enumerate(rows) if r is None]
+        self.last_tokens = 0
         if missing:
             with self._call_lock:
                 computed = self._classify_texts([distinct[i] for i in missing])
@@ -307,6 +309,7 @@ class Engine:
 
     def _run(self, ids: list[list[int]]) -> list[list[float]]:
         lengths = [len(x) for x in ids]
+        self.last_tokens = sum(lengths)
         pending: list[Batch] = plan_batches(lengths, self.budget.value, self.max_batch_size)
         pending.reverse()  # pop() takes the longest first
         results: list[list[float] | None] = [None] * len(ids)

@@ -14,7 +14,7 @@ BATCH_TEXTS = Histogram(
     buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
 )
 BATCH_TOKENS = Histogram(
-    "nlpstream_batch_tokens", "Tokens (unpadded) per micro-batch handed to the engine.",
+    "nlpstream_batch_tokens", "Tokens (unpadded) the engine computed for one micro-batch (cache hits excluded).",
     buckets=(16, 64, 256, 1024, 4096, 16384, 65536, 262144),
 )
 INFERENCE_SECONDS = Histogram(

@@ -244,8 +244,9 @@ class StreamJob:
         """
         assert self._engine is not None
         try:
-            metrics.BATCH_TOKENS.observe(sum(len(x) for x in self._engine.tokenize(texts)))
-            return list(self._engine.classify(texts))
+            results = list(self._engine.classify(texts))
+            metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
+            return results
         except DeviceError:
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the texts that make the model raise

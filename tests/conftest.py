@@ -73,10 +73,11 @@ def make_topic(kafka_bootstrap: str) -> Any:
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]],
-            partition: int | None = None, timestamp_ms: int | None = None) -> None:
+            partition: int | None = None, timestamp_ms: int | None = None, **client: Any) -> None:
+    """Send ``messages`` and wait for every acknowledgement; ``client`` adds producer settings (SASL...)."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2, **client)
     try:
         for key, value in messages:
             producer.send(topic, key=key, value=value, partition=partition, timestamp_ms=timestamp_ms)

@@ -10,7 +10,7 @@ import pytest
 from consumers import kafka_local
 from jobs.config import load_config, StreamConfig
 from jobs.stream import StreamJob
-from tests.conftest import json_messages, read_output
+from tests.conftest import json_messages, produce, read_output
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 PASSWORD = "pa55-w0rd-never-logged"
@@ -26,22 +26,10 @@ def scram_broker(tmp_path_factory):
         kafka_local.stop(data)
 
 
-def _produce_scram(info, topic, messages):
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=info.sasl_bootstrap_servers, security_protocol="SASL_PLAINTEXT",
-                             sasl_mechanism="SCRAM-SHA-512", sasl_plain_username="alice", sasl_plain_password=PASSWORD,
-                             acks="all")
-    try:
-        for key, value in messages:
-            producer.send(topic, key=key, value=value)
-        producer.flush(timeout=60)
-    finally:
-        producer.close()
-
-
 def test_scram_stream_with_password_from_file(scram_broker, tmp_path, engine, caplog, monkeypatch, unique):
-    _produce_scram(scram_broker, unique, json_messages(50, prefix=unique))
+    produce(scram_broker.sasl_bootstrap_servers, unique, json_messages(50, prefix=unique),
+            security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+            sasl_plain_username="alice", sasl_plain_password=PASSWORD)
     secret = tmp_path / "kafka-password"
     secret.write_text(PASSWORD + "\n")
     monkeypatch.setenv("NLPSTREAM_KAFKA__SASL_PASSWORD_FILE", str(secret))

@@ -145,6 +145,9 @@ class StreamConfig(_BaseJobConfig):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     max_messages: int | None = Field(None, ge=1, description="Stop after this many input messages (demo, tests).")
     idle_timeout: float | None = Field(None, gt=0, description="Stop after this many seconds with no input.")
+    stall_timeout: float = Field(300.0, gt=0, description=(
+        "Liveness: when one loop round takes longer, dump every thread's stack and exit with code 75 "
+        "so the supervisor restarts the worker (safe: output resumes from the files)."))
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":

@@ -16,7 +16,10 @@ never commit: the next owner resumes from the files instead.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +39,7 @@ from sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSi
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MAX_BACKOFF_S = 30.0
+STALL_EXIT_CODE = 75  # EX_TEMPFAIL: restart me
 
 
 @dataclass
@@ -82,6 +86,7 @@ class StreamJob:
         self._engine = engine
         self._owns_engine = engine is None
         self._stop = threading.Event()
+        self._done = threading.Event()  # run() returned: the watchdog stops
         self._lock = threading.RLock()
         self._decode = DecodeSettings(config.input.input_format, config.input.text_field, config.input.id_field)
         self._next: dict[TP, int] = {}  # next offset to accept per partition
@@ -136,8 +141,11 @@ class StreamJob:
         last_flush = last_input = time.monotonic()
         backoff = 0.0
         next_flush_try = 0.0
+        self._beat = time.monotonic()
+        threading.Thread(target=self._watchdog, name="nlpstream-watchdog", daemon=True).start()
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 records = self._input.poll(timeout_s=0.5, max_records=cfg.kafka.max_poll_records)
                 now = time.monotonic()
                 with self._lock:
@@ -164,15 +172,28 @@ class StreamJob:
                     break
             self._final_flush()
         finally:
+            self._done.set()
             self._close()
             self.summary.seconds = time.monotonic() - started
         return self.summary
+
+    def _watchdog(self) -> None:
+        """Exit with code 75 (and every thread's stack in the log) when a loop round stalls."""
+        limit = self.config.stall_timeout
+        while not self._done.wait(min(5.0, limit / 4)):
+            stalled = time.monotonic() - self._beat
+            if stalled > limit:
+                log.error("main loop stalled for %.0fs (limit %.0fs); dumping stacks and exiting with 75", stalled, limit)
+                faulthandler.dump_traceback(all_threads=True)
+                sys.stderr.flush()
+                os._exit(STALL_EXIT_CODE)
 
     def _final_flush(self) -> None:
         """Flush what is in hand, retrying with backoff for a while; then commit."""
         deadline = time.monotonic() + 60.0
         delay = 0.5
         while True:
+            self._beat = time.monotonic()
             with self._lock:
                 if not self._has_pending() or self._flush():
                     break

@@ -255,7 +255,7 @@ def start(
                  for arg in ("--add-scram", f"{mech}=[name={user},password={password}]")]
         fmt = subprocess.run(
             [java, *jvm, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-             "-t", cluster_id, "-c", str(config), *scram],
+             f"--cluster-id={cluster_id}", "-c", str(config), *scram],  # ids may start with "-"
             capture_output=True, text=True, timeout=120, check=False,
         )
         if fmt.returncode != 0:

@@ -426,9 +426,7 @@ class _Collector:
     def _dispatch(self, pending: list[tuple[list[str], Future[list[Prediction]], float]]) -> None:
         texts = [t for batch, _, _ in pending for t in batch]
         try:
-            preds = self.engine.classify(texts) if not self.engine._closed else None
-            if preds is None:
-                raise DeviceError("engine is closed")
+            preds = self.engine.classify(texts)  # raises DeviceError once the engine is closed
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             for _, fut, _ in pending:
                 fut.set_exception(exc)

@@ -88,7 +88,7 @@ def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, pro
     summary = BackfillSummary()
     started = time.monotonic()
     sink = ParquetSink(config.output.output, config.output.include_text,
-                       "none" if config.output.compression == "none" else config.output.compression)
+                       config.output.compression)
     tables = [(i, path, read_table(path)) for i, path in enumerate(inputs)]
     total = sum(t.num_rows for _, _, t in tables)
     task = progress.add_task("labeling", total=total) if progress is not None else None

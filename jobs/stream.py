@@ -116,7 +116,7 @@ class StreamJob:
             self._engine = load_engine(**cfg.model.engine_options())
         conn = connection_settings(cfg)
         self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
-                                 "none" if cfg.output.compression == "none" else cfg.output.compression)
+                                 cfg.output.compression)
         self._dlq = DeadLetterQueue(conn, cfg.dlq_topic())
         self._alert_sinks: list[AlertSink] = []
         self._alert_producer = None

@@ -43,10 +43,16 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[i
         consumer.close()
 
 
+def queued_topic(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> str:
+    """A fresh topic holding ``n`` JSON messages spread over ``partitions``."""
+    topic = make_topic(unique, partitions=partitions)
+    produce(bootstrap, topic, json_messages(n, prefix=unique))
+    return topic
+
+
 def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 4, 8000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261128")))
     kills = 0
@@ -93,8 +99,7 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
 
 def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 6, 5000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
     a = stream_proc(kafka_bootstrap, topic, out, group, log=log)
@@ -149,8 +154,7 @@ def _chattr(flag: str, *paths: Path) -> None:
 
 def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 4000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
     job = stream_proc(kafka_bootstrap, topic, out, group, "--max-messages", str(n), log=log)
@@ -243,8 +247,7 @@ def test_poison_corpus_only_poison_in_dlq(kafka_bootstrap, make_topic, unique, t
 
 def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 12000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     job = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--max-messages", str(n), log=log,
                       env={"NLPSTREAM_OUTPUT__MAX_BUFFERED_ROWS": "2000"})

@@ -257,7 +257,9 @@ def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_pat
             status = Path(f"/proc/{job.pid}/status").read_text()
         except OSError:
             break
-        rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        rss_kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
+        if rss_kb is None:  # the process is exiting: its memory is already gone from /proc
+            break
         samples.append((rows_in(out) if len(samples) % 10 == 0 else -1, rss_kb))
         time.sleep(0.2)
     assert job.returncode == 0, log.read_text()[-3000:]

@@ -262,6 +262,11 @@ def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_pat
             break
         samples.append((rows_in(out) if len(samples) % 10 == 0 else -1, rss_kb))
         time.sleep(0.2)
+    try:
+        job.wait(timeout=120)  # sampling may stop while the process is still exiting
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
     assert job.returncode == 0, log.read_text()[-3000:]
     peak_mb = max(r for _, r in samples) / 1024
     progressed = [(rows, r) for rows, r in samples if rows >= 0]

@@ -6,6 +6,7 @@ dataclass never appears in logs (its repr hides them).
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,3 +44,12 @@ class ConnectionSettings:
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return kwargs
+
+
+def connect_error(connection: ConnectionSettings, exc: BaseException) -> str:
+    """A clear message for a client that could not be created (no secrets in it)."""
+    message = f"cannot connect to Kafka at {connection.bootstrap_servers} ({connection.security_protocol}): {exc}"
+    if isinstance(exc, ssl.SSLError):
+        message += ("; the TLS handshake failed: check ssl_cafile (the CA of the brokers' certificates) and, "
+                    "when the brokers require client certificates, ssl_certfile/ssl_keyfile/ssl_password")
+    return message

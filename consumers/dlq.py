@@ -12,7 +12,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from consumers.client_config import ConnectionSettings
+from consumers.client_config import ConnectionSettings, connect_error
 from consumers.errors import ConsumerError
 from consumers.records import InputRecord
 
@@ -53,8 +53,8 @@ class DeadLetterQueue:
             self._producer = producer or KafkaProducer(
                 **connection.kafka_kwargs(), acks="all", linger_ms=5, max_request_size=16 * 1024 * 1024
             )
-        except KafkaError as exc:
-            raise DeadLetterError(f"cannot create the dead-letter producer: {exc}") from exc
+        except (KafkaError, OSError) as exc:  # OSError: TLS handshake refused, connection reset
+            raise DeadLetterError(f"cannot create the dead-letter producer: {connect_error(connection, exc)}") from exc
         self._futures: list[Any] = []
 
     def send(self, record: InputRecord, error_class: str, message: str) -> None:

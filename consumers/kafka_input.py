@@ -18,7 +18,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from consumers.client_config import ConnectionSettings
+from consumers.client_config import ConnectionSettings, connect_error
 from consumers.errors import ConsumerError, KafkaUnavailableError
 from consumers.records import InputRecord
 
@@ -87,8 +87,8 @@ class KafkaInput:
                 receive_message_max_bytes=settings.fetch_max_bytes + (1 << 20),
                 **({"group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
             )
-        except KafkaError as exc:
-            raise KafkaUnavailableError(f"cannot connect to Kafka at {connection.bootstrap_servers}: {exc}") from exc
+        except (KafkaError, OSError) as exc:  # OSError: TLS handshake refused, connection reset
+            raise KafkaUnavailableError(connect_error(connection, exc)) from exc
         self._consumer.subscribe(list(settings.topics), listener=_Listener(on_assigned, on_revoked, on_lost))
         self._last_poll_warning = 0.0
 

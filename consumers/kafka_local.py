@@ -25,6 +25,7 @@ from consumers.errors import KafkaLocalError
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
 _STATE_FILE = "nlpstream-broker.json"
+_TLS_FILE = "nlpstream-broker-tls.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class BrokerInfo:
     data_dir: str
     version: str
     sasl_port: int | None = None
+    ssl_port: int | None = None
+    sasl_ssl_port: int | None = None
 
     @property
     def sasl_bootstrap_servers(self) -> str | None:
@@ -44,8 +47,32 @@ class BrokerInfo:
         return f"127.0.0.1:{self.sasl_port}" if self.sasl_port else None
 
     @property
+    def ssl_bootstrap_servers(self) -> str | None:
+        """SSL listener that requires a client certificate (mutual TLS), when started with ``tls``."""
+        return f"127.0.0.1:{self.ssl_port}" if self.ssl_port else None
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str | None:
+        """SASL_SSL listener (SCRAM over TLS), when started with ``tls`` and ``scram_users``."""
+        return f"127.0.0.1:{self.sasl_ssl_port}" if self.sasl_ssl_port else None
+
+    @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """PEM files for the broker's TLS listeners.
+
+    ``keystore_file`` holds the broker's unencrypted PKCS#8 private key
+    followed by its certificate chain (the certificate must name 127.0.0.1);
+    ``ca_file`` holds the CA certificates that client certificates are
+    checked against on the mutual-TLS listener.
+    """
+
+    ca_file: str
+    keystore_file: str
 
 
 def cache_root() -> Path:
@@ -101,22 +128,30 @@ def _java() -> str:
     return java
 
 
-def _write_config(data_dir: Path, port: int, controller_port: int, sasl_port: int | None = None) -> Path:
+def _write_config(data_dir: Path, port: int, controller_port: int, sasl_port: int | None = None,
+                  ssl_port: int | None = None, sasl_ssl_port: int | None = None,
+                  tls: BrokerTls | None = None) -> Path:
     logs = data_dir / "kraft-logs"
-    listeners = f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}"
-    advertised = f"PLAINTEXT://127.0.0.1:{port}"
-    protocol_map = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    extra = {name: p for name, p in (("SASL_PLAINTEXT", sasl_port), ("SSL", ssl_port), ("SASL_SSL", sasl_ssl_port)) if p}
+    listeners = ",".join([f"PLAINTEXT://127.0.0.1:{port}", f"CONTROLLER://127.0.0.1:{controller_port}",
+                          *(f"{name}://127.0.0.1:{p}" for name, p in extra.items())])
+    advertised = ",".join([f"PLAINTEXT://127.0.0.1:{port}", *(f"{name}://127.0.0.1:{p}" for name, p in extra.items())])
+    protocol_map = ",".join(["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT", *(f"{name}:{name}" for name in extra)])
     sasl: dict[str, str] = {}
-    if sasl_port:
-        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
-        advertised += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
-        protocol_map += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
-        module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-        sasl = {
-            "sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
-            "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": module,
-            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": module,
-        }
+    module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    for name in ("SASL_PLAINTEXT", "SASL_SSL"):
+        if name in extra:
+            sasl["sasl.enabled.mechanisms"] = "SCRAM-SHA-256,SCRAM-SHA-512"
+            for mech in ("scram-sha-256", "scram-sha-512"):
+                sasl[f"listener.name.{name.lower()}.{mech}.sasl.jaas.config"] = module
+    if tls is not None and (ssl_port or sasl_ssl_port):
+        sasl.update({
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(Path(tls.keystore_file).resolve()),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(Path(tls.ca_file).resolve()),
+            "listener.name.ssl.ssl.client.auth": "required",  # the SSL listener is mutual TLS
+        })
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -224,12 +259,15 @@ def start(
     timeout_s: float = 90.0,
     heap: str = "512m",
     scram_users: dict[str, str] | None = None,
+    tls: BrokerTls | None = None,
 ) -> BrokerInfo:
     """Start a broker in the background and return once it serves metadata.
 
     ``port=0`` picks a free port (a restart reuses the recorded one).
     ``scram_users`` (first start only) adds a SASL_PLAINTEXT listener with
-    SCRAM-SHA-256/512 credentials for those users. A
+    SCRAM-SHA-256/512 credentials for those users. ``tls`` (first start
+    only) adds an SSL listener that requires client certificates (mutual
+    TLS), and with ``scram_users`` also a SASL_SSL listener. A
     broker already running in ``data_dir`` is returned as is. The log
     directory is formatted once; later starts keep the data.
     """
@@ -243,7 +281,14 @@ def start(
         port = recorded.port if recorded is not None else free_port()
     controller_port = recorded.controller_port if recorded is not None else free_port()
     sasl_port = recorded.sasl_port if recorded is not None else (free_port() if scram_users else None)
-    config = _write_config(data, port, controller_port, sasl_port)
+    ssl_port = recorded.ssl_port if recorded is not None else (free_port() if tls else None)
+    sasl_ssl_port = recorded.sasl_ssl_port if recorded is not None else (free_port() if tls and scram_users else None)
+    if tls is None and (ssl_port or sasl_ssl_port):
+        tls_state = json.loads((data / _TLS_FILE).read_text())  # a restart reuses the recorded files
+        tls = BrokerTls(**tls_state)
+    if tls is not None:
+        (data / _TLS_FILE).write_text(json.dumps(asdict(tls)))
+    config = _write_config(data, port, controller_port, sasl_port, ssl_port, sasl_ssl_port, tls)
     java = _java()
     classpath = f"{libs}/*"
     jvm = [f"-Xmx{heap}", f"-Xms{heap}", f"-Dlog4j2.configurationFile={data / 'log4j2.properties'}",
@@ -267,7 +312,7 @@ def start(
     )
     out.close()
     info = BrokerInfo(pid=proc.pid, port=port, controller_port=controller_port, data_dir=str(data), version=version,
-                      sasl_port=sasl_port)
+                      sasl_port=sasl_port, ssl_port=ssl_port, sasl_ssl_port=sasl_ssl_port)
     (data / _STATE_FILE).write_text(json.dumps(asdict(info)))
     try:
         _wait_ready(info, proc, timeout_s)

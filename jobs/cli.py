@@ -82,12 +82,18 @@ def stream(
         _fail(str(exc))
     if not cfg.kafka.topics:
         _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
+    from consumers.errors import ConsumerError
+    from jobs.metrics import MetricsPortError
     from jobs.stream import StreamJob
 
     job = StreamJob(cfg)
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
     signal.signal(signal.SIGINT, lambda *_: job.stop())
-    summary = job.run()
+    try:
+        summary = job.run()
+    except (ConsumerError, MetricsPortError) as exc:  # brokers unreachable (address, TLS, SASL), port taken
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     logging.getLogger("nlpstream").info(
         "stopped: consumed=%d labeled=%d dead_lettered=%d skipped=%d alerts=%d files=%d",
         summary.consumed, summary.labeled, summary.dead_lettered, summary.skipped, summary.alerts, len(summary.files),

@@ -43,10 +43,11 @@ class KafkaConfig(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = Field(None, description="SASL password (secret).")
     sasl_password_file: Path | None = Field(None, description="Read the SASL password from this file.")
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_password: SecretStr | None = None
+    ssl_cafile: str | None = Field(None, description="PEM CA bundle the brokers' certificates are checked against.")
+    ssl_certfile: str | None = Field(None, description="PEM client certificate (mutual TLS).")
+    ssl_keyfile: str | None = Field(None, description="PEM client private key (mutual TLS).")
+    ssl_password: SecretStr | None = Field(None, description="Password of an encrypted ssl_keyfile (secret).")
+    ssl_password_file: Path | None = Field(None, description="Read the ssl_keyfile password from this file.")
 
     @field_validator("topics", mode="before")
     @classmethod
@@ -61,6 +62,14 @@ class KafkaConfig(_Section):
             return self.sasl_password.get_secret_value()
         if self.sasl_password_file is not None:
             return self.sasl_password_file.read_text().strip()
+        return None
+
+    def key_password(self) -> str | None:
+        """The password of the TLS client key from the value or the file (never logged)."""
+        if self.ssl_password is not None:
+            return self.ssl_password.get_secret_value()
+        if self.ssl_password_file is not None:
+            return self.ssl_password_file.read_text().strip()
         return None
 
 
@@ -157,6 +166,8 @@ class StreamConfig(_BaseJobConfig):
             raise ValueError(f"alerts.alert_topic ({self.alerts.alert_topic!r}) must differ from kafka.topics ({self.kafka.topics})")
         if self.kafka.sasl_password is not None and self.kafka.sasl_password_file is not None:
             raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both")
+        if self.kafka.ssl_password is not None and self.kafka.ssl_password_file is not None:
+            raise ValueError("set kafka.ssl_password or kafka.ssl_password_file, not both")
         return self
 
     def dlq_topic(self) -> str:

@@ -31,6 +31,17 @@ SINK_RETRIES = Counter("nlpstream_sink_retries_total", "Flushes retried after a 
 
 
 def serve_metrics(host: str, port: int) -> int:
-    """Start /metrics on ``host:port`` in a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host)
+    """Start /metrics on ``host:port`` in a daemon thread; returns the bound port.
+
+    Raises MetricsPortError when the address cannot be bound (port taken, bad host).
+    """
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise MetricsPortError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
+                               "set metrics.metrics_port (0 picks a free port)") from exc
     return int(server.server_address[1])
+
+
+class MetricsPortError(RuntimeError):
+    """The metrics endpoint could not be bound."""

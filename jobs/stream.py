@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumers import DecodeError, DecodeSettings, InputRecord, decode_record
-from consumers.client_config import ConnectionSettings
+from consumers.client_config import ConnectionSettings, connect_error
+from consumers.errors import KafkaUnavailableError
 from consumers.dlq import DeadLetterError, DeadLetterQueue
 from consumers.kafka_input import ConsumerSettings, KafkaInput
 from inference import DeviceError, Engine, Prediction, load_engine
@@ -72,7 +73,7 @@ def connection_settings(config: StreamConfig) -> ConnectionSettings:
         ssl_cafile=k.ssl_cafile,
         ssl_certfile=k.ssl_certfile,
         ssl_keyfile=k.ssl_keyfile,
-        ssl_password=k.ssl_password.get_secret_value() if k.ssl_password else None,
+        ssl_password=k.key_password(),
     )
 
 
@@ -128,8 +129,12 @@ class StreamJob:
             self._alert_sinks.append(WebhookAlertSink(cfg.alerts.alert_webhook_url, headers=auth))
         if cfg.alerts.alert_topic:
             from kafka import KafkaProducer
+            from kafka.errors import KafkaError
 
-            self._alert_producer = KafkaProducer(**conn.kafka_kwargs(), acks="all")
+            try:
+                self._alert_producer = KafkaProducer(**conn.kafka_kwargs(), acks="all")
+            except (KafkaError, OSError) as exc:
+                raise KafkaUnavailableError(f"alert producer: {connect_error(conn, exc)}") from exc
             self._alert_sinks.append(KafkaAlertSink(self._alert_producer, cfg.alerts.alert_topic))
         settings = ConsumerSettings(
             topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,

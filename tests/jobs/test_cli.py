@@ -62,6 +62,27 @@ def test_invalid_flags_are_clear_errors(tmp_path):
     assert proc.returncode == 1 and json.loads(proc.stdout)["running"] is False
 
 
+def test_unreachable_brokers_and_taken_port_are_clear_errors(tmp_path):
+    import socket
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = closed.getsockname()[1]
+    proc = run(["stream", "--topic", "x", "--bootstrap-servers", f"127.0.0.1:{dead}", "--devices", "cpu",
+                "--metrics-port", "0", "--output", str(tmp_path / "out")])
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: cannot create the dead-letter producer: cannot connect to Kafka at 127.0.0.1:{dead}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(["stream", "--topic", "x", "--bootstrap-servers", f"127.0.0.1:{dead}", "--devices", "cpu",
+                    "--metrics-port", str(port), "--output", str(tmp_path / "out")])
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: cannot serve /metrics on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.kafka
 def test_demo_runs_end_to_end(tmp_path):
     proc = run(["demo", "--messages", "150", "--output", str(tmp_path / "demo"), "--devices", "cpu"])

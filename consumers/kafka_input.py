@@ -153,6 +153,30 @@ class KafkaInput:
         except KafkaError:
             return None
 
+    def position(self, topic: str, partition: int) -> int | None:
+        """The next offset this consumer will fetch, or None while it is not known yet (never blocks)."""
+        try:
+            return self._consumer.position(TopicPartition(topic, partition), timeout_ms=0)
+        except (KafkaError, AssertionError):
+            return None
+
+    def end_offsets(self, partitions: Iterable[TP]) -> dict[TP, int]:
+        """End offsets from the brokers (a network call bounded by the request timeout)."""
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        return {(tp.topic, tp.partition): off for tp, off in self._consumer.end_offsets(tps).items()}
+
+    def fetch_state(self) -> str:
+        """Best-effort description of the client's fetch state, for the log when fetching stalls."""
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        parts = []
+        for name in ("_nodes_with_pending_fetch_requests", "_completed_fetches", "_fetch_futures"):
+            value = getattr(fetcher, name, None)
+            parts.append(f"{name.strip('_')}={len(value) if hasattr(value, '__len__') else value}")
+        paused = sorted((tp.topic, tp.partition) for tp in self._consumer.paused())
+        return ", ".join(parts) + f", paused={paused}"
+
     def assignment(self) -> list[TP]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
 
@@ -163,5 +187,5 @@ class KafkaInput:
         self._consumer.resume(*(TopicPartition(t, p) for t, p in partitions))
 
     def close(self) -> None:
-        """Leave the group (the revoke callback runs first). Never commits by itself."""
+        """Leave the group. Never commits, and runs no rebalance callback: the caller settles its state."""
         self._consumer.close(autocommit=False)

@@ -86,7 +86,7 @@ def stream(
     from jobs.metrics import MetricsPortError
     from jobs.stream import StreamJob
 
-    job = StreamJob(cfg)
+    job = StreamJob(cfg, hard_backstop=True)
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
     signal.signal(signal.SIGINT, lambda *_: job.stop())
     try:

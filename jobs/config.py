@@ -38,6 +38,9 @@ class KafkaConfig(_Section):
     max_poll_records: int = Field(512, ge=1, description="Most records handled per micro-batch.")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="Group eviction if no poll in this time.")
     session_timeout_ms: int = Field(45_000, ge=1000, description="Group session timeout.")
+    fetch_stall_timeout: float = Field(120.0, gt=0, description=(
+        "Seconds an assigned partition may hold unread records without giving one before the consumer "
+        "is rebuilt (guards against client-side fetch stalls)."))
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

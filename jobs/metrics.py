@@ -27,6 +27,8 @@ END_TO_END_SECONDS = Histogram(
 )
 CONSUMER_LAG = Gauge("nlpstream_consumer_lag", "Records behind the partition's end offset.", ["topic", "partition"])
 COMMITS = Counter("nlpstream_offset_commits_total", "Offset commits by outcome.", ["outcome"])
+FETCH_STALLS = Counter("nlpstream_fetch_stalls_total",
+                       "Consumers rebuilt because assigned partitions held records that were not fetched.")
 SINK_RETRIES = Counter("nlpstream_sink_retries_total", "Flushes retried after a sink or DLQ failure.")
 
 

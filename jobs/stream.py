@@ -80,7 +80,7 @@ def connection_settings(config: StreamConfig) -> ConnectionSettings:
 class StreamJob:
     """One member of the consumer group. ``run()`` blocks until :meth:`stop` or a stop condition."""
 
-    def __init__(self, config: StreamConfig, engine: Engine | None = None) -> None:
+    def __init__(self, config: StreamConfig, engine: Engine | None = None, hard_backstop: bool = False) -> None:
         if not config.kafka.topics:
             raise ValueError("kafka.topics is empty: give at least one --topic")
         self.config = config
@@ -88,6 +88,8 @@ class StreamJob:
         self._owns_engine = engine is None
         self._stop = threading.Event()
         self._done = threading.Event()  # run() returned: the watchdog stops
+        self._hard_backstop = hard_backstop  # also arm faulthandler's GIL-free timer (the process is ours)
+        self._armed_at = -1e9
         self._lock = threading.RLock()
         self._decode = DecodeSettings(config.input.input_format, config.input.text_field, config.input.id_field)
         self._next: dict[TP, int] = {}  # next offset to accept per partition
@@ -100,6 +102,11 @@ class StreamJob:
         self.metrics_port: int | None = None
         self._rules = AlertRules(config.alerts)
         self._paused = False
+        # fetch-stall guard, on a clock that only runs inside poll (a long batch is no stall):
+        self._poll_clock = 0.0  # seconds spent in poll so far
+        self._progress: dict[TP, float] = {}  # poll clock when each partition was assigned or last gave a record
+        self._next_fetch_check = 0.0
+        self._assigned_at: dict[TP, float] = {}  # monotonic time of each partition's assignment (idle timeout)
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -142,22 +149,29 @@ class StreamJob:
             max_poll_interval_ms=cfg.kafka.max_poll_interval_ms, session_timeout_ms=cfg.kafka.session_timeout_ms,
             group_instance_id=cfg.kafka.group_instance_id,
         )
+        self._settings, self._conn = settings, conn
         self._input = KafkaInput(conn, settings, self._on_assigned, self._on_revoked, self._on_lost)
         last_flush = last_input = time.monotonic()
         backoff = 0.0
         next_flush_try = 0.0
-        self._beat = time.monotonic()
+        self._heartbeat()
         threading.Thread(target=self._watchdog, name="nlpstream-watchdog", daemon=True).start()
         try:
             while not self._stop.is_set():
-                self._beat = time.monotonic()
+                self._heartbeat()
+                polled_at = time.monotonic()
                 records = self._input.poll(timeout_s=0.5, max_records=cfg.kafka.max_poll_records)
                 now = time.monotonic()
+                self._poll_clock += now - polled_at
                 with self._lock:
                     accepted = [r for r in records if self._accept(r)]
-                    if accepted:
+                    if records:
                         last_input = now
+                        for r in records:
+                            self._progress[(r.topic, r.partition)] = self._poll_clock
+                    if accepted:
                         self._handle(accepted)
+                        last_input = time.monotonic()  # idle time starts when the batch is done
                     due = (now - last_flush >= cfg.output.flush_interval
                            or self._sink.buffered >= cfg.output.max_buffered_rows)
                     if due and now >= next_flush_try and self._has_pending():
@@ -171,16 +185,104 @@ class StreamJob:
                     self._apply_backpressure()
                 self._commit()
                 self._update_lag()
+                if now >= self._next_fetch_check:
+                    self._next_fetch_check = now + min(5.0, cfg.kafka.fetch_stall_timeout / 4)
+                    self._check_fetch_progress()
                 if cfg.max_messages is not None and self.summary.consumed + self.summary.skipped >= cfg.max_messages:
                     break
-                if cfg.idle_timeout is not None and now - last_input >= cfg.idle_timeout:
+                if cfg.idle_timeout is not None and self._idle_for(now, last_input) >= cfg.idle_timeout:
                     break
             self._final_flush()
         finally:
             self._done.set()
+            if self._hard_backstop:
+                faulthandler.cancel_dump_traceback_later()
             self._close()
             self.summary.seconds = time.monotonic() - started
         return self.summary
+
+    def _idle_for(self, now: float, last_input: float) -> float:
+        """Seconds without input since the last record or assignment; 0 while a partition is known to hold more.
+
+        (The client learns a partition's end offset only from fetch responses,
+        which an incremental fetch session skips for partitions with nothing
+        new, so an unknown end offset does not hold the timer back.)
+        """
+        assigned = self._input.assignment()
+        if not assigned:
+            return 0.0
+        for topic, partition in assigned:
+            high = self._input.highwater(topic, partition)
+            pos = self._input.position(topic, partition)
+            if pos is None or (high is not None and pos < high):
+                return 0.0
+        assigned_at = max(self._assigned_at.get(tp, 0.0) for tp in assigned)
+        return now - max(last_input, assigned_at)
+
+    def _check_fetch_progress(self) -> None:
+        """Rebuild the consumer when an assigned partition has records it does not fetch.
+
+        A partition counts as stalled when it gave no record during
+        ``kafka.fetch_stall_timeout`` seconds spent polling (time spent
+        classifying or flushing does not count) since its assignment while the
+        broker's end offset is past the consumer's position. This guards
+        against client-side fetch stalls (kafka-python sends no new fetch to a
+        broker while one is unanswered, and gives up on it only after
+        request_timeout_ms, 305 s by default): what is durable is committed,
+        the consumer leaves the group and a fresh one joins; the files resume
+        logic makes the replay exact.
+        """
+        limit, now = self.config.kafka.fetch_stall_timeout, self._poll_clock
+        if self._paused:
+            return
+        quiet = [tp for tp in self._input.assignment() if now - self._progress.setdefault(tp, now) >= limit]
+        if not quiet:
+            return
+        try:
+            ends = self._input.end_offsets(quiet)
+        except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports and retries it
+            log.debug("end offsets unavailable: %s", exc)
+            for tp in quiet:  # an unreachable broker is no client stall: start the period again
+                self._progress[tp] = now
+            return
+        stalled = {}
+        for tp in quiet:
+            pos = self._input.position(*tp)
+            if (pos is None and ends.get(tp, 0) > 0) or (pos is not None and ends.get(tp, pos) > pos):
+                stalled[tp] = (pos, ends.get(tp))
+            else:
+                self._progress[tp] = now  # caught up: look again after another full period
+        if not stalled:
+            return
+        metrics.FETCH_STALLS.inc()
+        log.warning("no record for %.0fs from partitions that hold more (position, end offset): %s; client state: %s;"
+                    " rebuilding the consumer", limit,
+                    ", ".join(f"{t}-{p} {v}" for (t, p), v in sorted(stalled.items())), self._input.fetch_state())
+        self._rebuild_input()
+
+    def _rebuild_input(self) -> None:
+        """Make what is in hand durable, commit it, leave the group and join again with a new consumer."""
+        with self._lock:
+            if self._has_pending() and not self._flush():
+                for topic, partition in self._input.assignment():
+                    self._discard(topic, partition)
+        self._commit()
+        old = self._input.assignment()
+        self._input.close()
+        with self._lock:
+            self._forget(old)
+            self._progress.clear()
+            self._paused = False
+        self._input = KafkaInput(self._conn, self._settings, self._on_assigned, self._on_revoked, self._on_lost)
+
+    def _heartbeat(self) -> None:
+        """The main loop is alive: note it for the watchdog, re-arm the hard backstop now and then."""
+        self._beat = time.monotonic()
+        if self._hard_backstop and self._beat - self._armed_at >= 5.0:
+            # A thread that deadlocks while holding the GIL also stops the Python watchdog;
+            # faulthandler's timer runs without the GIL: it dumps every stack and exits with 1.
+            faulthandler.dump_traceback_later(self.config.stall_timeout + 30.0, exit=True)
+            self._armed_at = self._beat
 
     def _watchdog(self) -> None:
         """Exit with code 75 (and every thread's stack in the log) when a loop round stalls."""
@@ -198,7 +300,7 @@ class StreamJob:
         deadline = time.monotonic() + 60.0
         delay = 0.5
         while True:
-            self._beat = time.monotonic()
+            self._heartbeat()
             with self._lock:
                 if not self._has_pending() or self._flush():
                     break
@@ -344,6 +446,8 @@ class StreamJob:
         elif self._paused and self._sink.buffered < limit // 2:
             self._input.resume(self._input.assignment())
             self._paused = False
+            for tp in self._input.assignment():  # paused time is no fetch stall
+                self._progress[tp] = self._poll_clock
 
     def _update_lag(self) -> None:
         for topic, partition in self._input.assignment():
@@ -366,6 +470,8 @@ class StreamJob:
                 else:
                     self._next[tp] = last + 1
                     self._input.seek(topic, partition, last + 1)
+                self._progress[tp] = self._poll_clock
+                self._assigned_at[tp] = time.monotonic()
                 log.info("assigned %s-%d, files end at %s", topic, partition, last)
 
     def _on_revoked(self, partitions: list[TP]) -> None:
@@ -393,6 +499,8 @@ class StreamJob:
             self._next.pop(tp, None)
             self._durable.pop(tp, None)
             self._pending.pop(tp, None)
+            self._progress.pop(tp, None)
+            self._assigned_at.pop(tp, None)
             try:
                 metrics.CONSUMER_LAG.remove(topic, str(partition))
             except KeyError:

@@ -19,7 +19,8 @@ def stream_proc(bootstrap: str, topic: str, out: Path, group: str, *extra: str, 
            "--group-id", group, "--output", str(out), "--devices", "cpu", "--flush-interval", "0.3",
            "--metrics-port", "0", *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", NLPSTREAM_KAFKA__SESSION_TIMEOUT_MS="6000",
-                    NLPSTREAM_STALL_TIMEOUT="60", **(env or {}))
+                    NLPSTREAM_STALL_TIMEOUT="60",
+                    NLPSTREAM_KAFKA__FETCH_STALL_TIMEOUT="20", **(env or {}))
     sink = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
     proc = subprocess.Popen(cmd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     STARTED.append(proc)

@@ -227,3 +227,36 @@ def test_sigterm_mid_stream_commits_what_is_durable_and_restart_continues(kafka_
         offsets = sorted(o for q, o in pairs if q == p)
         assert offsets == list(range(len(offsets))), f"gap or repeat in partition {p}"
     assert len(set(table.column("id").to_pylist())) == n
+
+
+def test_fetch_stall_rebuilds_the_consumer_and_output_stays_exact(kafka_bootstrap, make_topic, unique, tmp_path,
+                                                                   engine, caplog):
+    """A partition the client silently stops fetching (as a client bug would) is noticed and recovered."""
+    from kafka import TopicPartition
+
+    from jobs import metrics as job_metrics
+
+    topic = make_topic(unique, partitions=3)
+    first, n = 300, 900
+    produce(kafka_bootstrap, topic, json_messages(first, prefix=unique))
+    cfg = config(kafka_bootstrap, topic, tmp_path, max_messages=n, idle_timeout=120.0)
+    cfg.kafka.fetch_stall_timeout = 4.0
+    stalls_before = job_metrics.FETCH_STALLS._value.get()
+    job = StreamJob(cfg, engine=engine)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while job.summary.consumed < first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.summary.consumed == first
+    job._input._consumer.pause(TopicPartition(topic, 0))  # behind the job's back: the client no longer fetches it
+    produce(kafka_bootstrap, topic, json_messages(n - first, prefix=f"{unique}-late"))
+    runner.join(timeout=180)
+    assert not runner.is_alive(), "the job did not recover from the stalled partition"
+    assert "rebuilding the consumer" in caplog.text
+    assert job_metrics.FETCH_STALLS._value.get() >= stalls_before + 1
+    table = read_output(tmp_path)
+    pairs = list(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist()))
+    assert len(pairs) == n and len(set(pairs)) == n
+    assert result["summary"].labeled == n

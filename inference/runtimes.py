@@ -79,12 +79,18 @@ class OpenVINORunner:
         exp = np.exp(logits)
         return exp / exp.sum(axis=-1, keepdims=True)
 
+    @staticmethod
+    def _infer(request: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        # share_inputs: the request reads the int64 arrays in place (they are fresh per batch and
+        # not touched until infer returns) instead of copying them into its own tensors through
+        # numpy, a step that runs under the GIL in each worker thread and is not needed here
+        ids, attention = np.ascontiguousarray(input_ids.numpy()), np.ascontiguousarray(mask.numpy())
+        out = request.infer({"input_ids": ids, "attention_mask": attention}, share_inputs=True)
+        return next(iter(out.values()))
+
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ids_np, mask_np = input_ids.numpy(), mask.numpy()
-        out = self._request(self.compiled, "main").infer({"input_ids": ids_np, "attention_mask": mask_np})
-        return torch.from_numpy(self._probs(next(iter(out.values()))))
+        return torch.from_numpy(self._probs(self._infer(self._request(self.compiled, "main"), input_ids, mask)))
 
     def reference(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Probabilities from the bf16 guard graph (the engine reruns unsure texts through it)."""
-        out = self._request(self.guard, "guard").infer({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
-        return torch.from_numpy(self._probs(next(iter(out.values()))))
+        return torch.from_numpy(self._probs(self._infer(self._request(self.guard, "guard"), input_ids, mask)))

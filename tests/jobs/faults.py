@@ -10,24 +10,106 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from jobs.stream import STALL_EXIT_CODE
 from tests.conftest import read_output
 
 
+HARD_STALL_MARK = "Timeout ("  # faulthandler's first line when the GIL-free backstop fires (then exit 1)
+
+
+class Supervised:
+    """One stream worker run the way a process supervisor (Kubernetes) runs it.
+
+    A worker that ended itself because it stalled (the liveness watchdog's
+    exit 75, or exit 1 after the GIL-free backstop's "Timeout (" dump) is
+    started again with the same arguments, as ``restartPolicy`` would; any
+    other exit, and a kill by the test, is final. Each run writes its own log,
+    appended to ``log`` when it ends. The Popen-like surface (pid, poll, wait,
+    kill, returncode) is what the tests use.
+    """
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path | None) -> None:
+        self.cmd, self.env, self.log = cmd, env, log
+        self.restarts: list[int] = []  # exit codes of the stalled runs that were restarted
+        self._killed = False
+        self._final: int | None = None
+        self._runs = 0
+        self._start()
+
+    def _start(self) -> None:
+        self._runs += 1
+        self._own_log = self.log.with_name(f"{self.log.name}.{id(self)}.{self._runs}") if self.log else None
+        sink = open(self._own_log, "w") if self._own_log else subprocess.DEVNULL  # noqa: SIM115 - child owns it
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        if self._own_log:
+            sink.close()
+
+    def _ended(self, code: int) -> bool:
+        """Collect the run's log; restart a stalled run. True when the exit is final."""
+        text = self._own_log.read_text(errors="replace") if self._own_log and self._own_log.exists() else ""
+        if self._own_log and self.log:
+            with open(self.log, "a") as combined:
+                combined.write(text)
+            self._own_log.unlink(missing_ok=True)
+        stalled = code == STALL_EXIT_CODE or (code == 1 and HARD_STALL_MARK in text)
+        if stalled and not self._killed:
+            self.restarts.append(code)
+            if "--max-messages" in self.cmd:  # a restarted run resumes mid-stream: it cannot count to N, so it
+                i = self.cmd.index("--max-messages")  # stops when idle instead
+                self.cmd = [*self.cmd[:i], *self.cmd[i + 2:], *(() if "--idle-timeout" in self.cmd
+                                                                 else ("--idle-timeout", "10"))]
+            self._start()
+            return False
+        return True
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._final
+
+    def poll(self) -> int | None:
+        while self._final is None:
+            code = self.proc.poll()
+            if code is None:
+                return None
+            if self._ended(code):
+                self._final = code
+        return self._final
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._final is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            code = self.proc.wait(timeout=left)
+            if self._ended(code):
+                self._final = code
+        return self._final
+
+    def kill(self) -> None:
+        self._killed = True
+        self.proc.kill()
+
+
 def stream_proc(bootstrap: str, topic: str, out: Path, group: str, *extra: str, log: Path | None = None,
-                env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+                env: dict[str, str] | None = None) -> Supervised:
     cmd = [sys.executable, "-m", "jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
            "--group-id", group, "--output", str(out), "--devices", "cpu", "--flush-interval", "0.3",
            "--metrics-port", "0", *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", NLPSTREAM_KAFKA__SESSION_TIMEOUT_MS="6000",
-                    NLPSTREAM_STALL_TIMEOUT="60",
-                    NLPSTREAM_KAFKA__FETCH_STALL_TIMEOUT="20", **(env or {}))
-    sink = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
-    proc = subprocess.Popen(cmd, env=full_env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+                    NLPSTREAM_STALL_TIMEOUT="60", NLPSTREAM_KAFKA__FETCH_STALL_TIMEOUT="20", **(env or {}))
+    proc = Supervised(cmd, full_env, log)
     STARTED.append(proc)
     return proc
 
 
-STARTED: list[subprocess.Popen[str]] = []  # reaped after each test, whatever its outcome
+STARTED: list[Supervised] = []  # reaped after each test, whatever its outcome
+
+
+def restarts_of(*procs: Supervised) -> int:
+    return sum(len(p.restarts) for p in procs)
 
 
 def reap() -> None:

@@ -11,14 +11,14 @@ import json
 import os
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from jobs.stream import STALL_EXIT_CODE
 from tests.conftest import json_messages, produce, read_output, read_topic
-from tests.jobs.faults import exactness, files, reap, rows_in, stream_proc, wait_for
+from tests.jobs.faults import exactness, files, reap, restarts_of, rows_in, stream_proc, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
@@ -67,12 +67,10 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
         else:
             time.sleep(rng.uniform(3.0, 7.0))  # some land while the model loads, some mid-batch
         done = rows_in(out)
-        if proc.poll() == STALL_EXIT_CODE:  # the liveness watchdog restarted a stalled worker: a crash too
-            stall_restarts += 1
-            continue
         assert proc.poll() is None, f"the job exited by itself ({proc.returncode}): {log.read_text()[-2000:]}"
         proc.kill()
         proc.wait(timeout=30)
+        stall_restarts += restarts_of(proc)
         if done >= n:
             break  # it had finished before the kill: not a mid-stream kill
         kills += 1
@@ -80,16 +78,13 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
         if kills == 6:
             break
     assert kills >= 5, f"only {kills} kills landed mid-stream (rows before each: {seen_before_kill})"
-    for _ in range(3):
-        final = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--idle-timeout", "6", log=log)
-        code = final.wait(timeout=600)
-        if code != STALL_EXIT_CODE:
-            break
-        stall_restarts += 1
+    final = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--idle-timeout", "6", log=log)
+    code = final.wait(timeout=600)
+    stall_restarts += restarts_of(final)
     assert code == 0, log.read_text()[-3000:]
     result = exactness(out, parts, n)
     report("kill -9 at random moments", kills, n, result,
-           f"(rows before each kill: {seen_before_kill}; watchdog restarts: {stall_restarts})")
+           f"(rows before each kill: {seen_before_kill}; supervisor restarts after a stall: {stall_restarts})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
     assert not list(out.glob("topic=*/date=*/.*")), "temporary files left visible"
     assert committed(kafka_bootstrap, f"{unique}-g", topic, parts) == [
@@ -112,7 +107,8 @@ def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, uniq
     assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
     result = exactness(out, parts, n)
-    report("consumer group: one member killed, one added", 2, n, result)
+    report("consumer group: one member killed, one added", 2, n, result,
+           f"(supervisor restarts after a stall: {restarts_of(a, b, c)})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
 
 
@@ -175,7 +171,8 @@ def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, 
     assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert "flush failed, will retry" in log.read_text()
     result = exactness(out, parts, n)
-    report("output folder read-only for 7.5 s", 1, n, result, f"(rows when it became read-only: {rows_at_start})")
+    report("output folder read-only for 7.5 s", 1, n, result, f"(rows when it became read-only: {rows_at_start}; "
+           f"supervisor restarts after a stall: {restarts_of(job)})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
 
 
@@ -273,8 +270,27 @@ def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_pat
     early = [r for rows, r in progressed if 0 < rows < n // 3]
     late = [r for rows, r in progressed if rows >= 2 * n // 3]
     result = exactness(out, parts, n)
-    report("burst of 12000 queued messages", 1, n, result, f"(peak RSS {peak_mb:.0f} MiB)")
+    report("burst of 12000 queued messages", 1, n, result,
+           f"(peak RSS {peak_mb:.0f} MiB; supervisor restarts after a stall: {restarts_of(job)})")
     assert result["lost"] == 0 and result["duplicated"] == 0
     assert peak_mb < 3072
     if early and late:
         assert max(late) / 1024 - max(early) / 1024 < 300, "resident memory keeps growing with the backlog"
+
+
+def test_supervisor_restarts_only_stalled_runs(tmp_path):
+    """The harness restarts exit 75 and the backstop's exit 1, and nothing else (no model, no broker)."""
+    from tests.jobs.faults import Supervised
+
+    state, log = tmp_path / "runs", tmp_path / "sup.log"
+    script = (f"import sys; p = {str(state)!r}; n = len(open(p).read()) if __import__('os').path.exists(p) else 0; "
+              "open(p, 'a').write('x'); codes = sys.argv[1:]; c = int(codes[n]) if n < len(codes) else 0; "
+              "print('Timeout (0:01:30)!' if c == 1 else f'run {n}', flush=True); sys.exit(c)")
+    proc = Supervised([sys.executable, "-c", script, "75", "1", "3", "--max-messages", "5"], dict(os.environ), log)
+    assert proc.wait(timeout=60) == 3  # 75 and a backstop exit 1 were restarted, the real error 3 is final
+    assert proc.restarts == [75, 1]
+    assert "--max-messages" not in proc.cmd and proc.cmd[-2:] == ["--idle-timeout", "10"]
+    assert "run 0" in log.read_text() and "Timeout (" in log.read_text() and "run 2" in log.read_text()
+    state.unlink()
+    plain = Supervised([sys.executable, "-c", script, "1"], dict(os.environ), None)
+    assert plain.wait(timeout=60) == 1 and plain.restarts == []  # without a log the dump cannot be seen: exit 1 is final

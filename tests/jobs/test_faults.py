@@ -136,7 +136,8 @@ def test_broker_stopped_20s_mid_stream(make_topic, unique, tmp_path):
         info = kafka_local.start(data, timeout_s=120)
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
         result = exactness(out, 3, n)
-        report("broker stopped 20 s mid-stream", 1, n, result, f"(rows when stopped: {stopped_at})")
+        report("broker stopped 20 s mid-stream", 1, n, result,
+               f"(rows when stopped: {stopped_at}; supervisor restarts after a stall: {restarts_of(job)})")
         assert stopped_at < n
         assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": 3}
     finally:

@@ -61,19 +61,19 @@ class KafkaConfig(_Section):
 
     def password(self) -> str | None:
         """The SASL password from the value or the file (never logged)."""
-        if self.sasl_password is not None:
-            return self.sasl_password.get_secret_value()
-        if self.sasl_password_file is not None:
-            return self.sasl_password_file.read_text().strip()
-        return None
+        return _secret(self.sasl_password, self.sasl_password_file)
 
     def key_password(self) -> str | None:
         """The password of the TLS client key from the value or the file (never logged)."""
-        if self.ssl_password is not None:
-            return self.ssl_password.get_secret_value()
-        if self.ssl_password_file is not None:
-            return self.ssl_password_file.read_text().strip()
-        return None
+        return _secret(self.ssl_password, self.ssl_password_file)
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value()
+    if file is not None:
+        return file.read_text().strip()
+    return None
 
 
 class InputConfig(_Section):
@@ -167,10 +167,9 @@ class StreamConfig(_BaseJobConfig):
             raise ValueError(f"kafka.dlq_topic ({self.kafka.dlq_topic!r}) must differ from kafka.topics ({self.kafka.topics})")
         if self.alerts.alert_topic is not None and self.alerts.alert_topic in self.kafka.topics:
             raise ValueError(f"alerts.alert_topic ({self.alerts.alert_topic!r}) must differ from kafka.topics ({self.kafka.topics})")
-        if self.kafka.sasl_password is not None and self.kafka.sasl_password_file is not None:
-            raise ValueError("set kafka.sasl_password or kafka.sasl_password_file, not both")
-        if self.kafka.ssl_password is not None and self.kafka.ssl_password_file is not None:
-            raise ValueError("set kafka.ssl_password or kafka.ssl_password_file, not both")
+        for name in ("sasl_password", "ssl_password"):
+            if getattr(self.kafka, name) is not None and getattr(self.kafka, f"{name}_file") is not None:
+                raise ValueError(f"set kafka.{name} or kafka.{name}_file, not both")
         return self
 
     def dlq_topic(self) -> str:

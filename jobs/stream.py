@@ -165,13 +165,12 @@ class StreamJob:
                 self._poll_clock += now - polled_at
                 with self._lock:
                     accepted = [r for r in records if self._accept(r)]
-                    if records:
-                        last_input = now
-                        for r in records:
-                            self._progress[(r.topic, r.partition)] = self._poll_clock
                     if accepted:
                         self._handle(accepted)
+                    if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
+                        for r in records:
+                            self._progress[(r.topic, r.partition)] = self._poll_clock
                     due = (now - last_flush >= cfg.output.flush_interval
                            or self._sink.buffered >= cfg.output.max_buffered_rows)
                     if due and now >= next_flush_try and self._has_pending():
@@ -271,7 +270,6 @@ class StreamJob:
         self._input.close()
         with self._lock:
             self._forget(old)
-            self._progress.clear()
             self._paused = False
         self._input = KafkaInput(self._conn, self._settings, self._on_assigned, self._on_revoked, self._on_lost)
 

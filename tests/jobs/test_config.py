@@ -49,3 +49,16 @@ def test_secrets_never_printed(monkeypatch):
     from jobs.stream import connection_settings
 
     assert "hunter2" not in repr(connection_settings(cfg))
+
+
+@pytest.mark.parametrize("name", ["sasl_password", "ssl_password"])
+def test_secret_from_file_or_value_not_both(tmp_path, name):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-from-file\n")
+    cfg = load_config(StreamConfig, None, {"kafka.topics": ["x"], f"kafka.{name}_file": str(secret)})
+    read = cfg.kafka.password() if name == "sasl_password" else cfg.kafka.key_password()
+    assert read == "s3cr3t-from-file"
+    with pytest.raises(ConfigError, match=f"set kafka.{name} or kafka.{name}_file, not both") as info:
+        load_config(StreamConfig, None, {"kafka.topics": ["x"], f"kafka.{name}": "s3cr3t-value",
+                                         f"kafka.{name}_file": str(secret)})
+    assert "s3cr3t" not in str(info.value)

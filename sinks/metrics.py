@@ -3,6 +3,8 @@
 from prometheus_client import Counter, Histogram
 
 ROWS_WRITTEN = Counter("nlpstream_sink_rows_written_total", "Rows written to finished Parquet files.")
+ROWS_ALREADY_WRITTEN = Counter("nlpstream_sink_rows_already_written_total",
+                               "Rows not written because finished files of another worker already hold them.")
 FILES_WRITTEN = Counter("nlpstream_sink_files_written_total", "Parquet files finished (renamed into place).")
 WRITE_ERRORS = Counter("nlpstream_sink_write_errors_total", "Failed Parquet file writes (retried by the job).")
 FLUSH_SECONDS = Histogram(

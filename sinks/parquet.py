@@ -7,6 +7,13 @@ deterministic name and the folder fsynced. Rows of one Kafka partition are
 written in offset order, one file per run of consecutive rows with the same
 date, so the finished files of a partition always hold a prefix of what was
 flushed. :meth:`last_offset` tells the job where a partition's files end.
+
+With ``skip_written`` (the stream job) each file is checked, just before it
+is written, against the finished files already in its folder: rows whose
+offsets another file holds are dropped. A worker that was evicted from the
+group while it held rows (a zombie) and the partition's new owner therefore
+do not both write the same records; what remains is the short window
+between that check and the rename.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
+import logging
+
 import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -25,6 +34,8 @@ from fsspec.implementations.local import LocalFileSystem
 from sinks import metrics
 from sinks.errors import SinkWriteError
 from sinks.naming import FileKey, parse_name, partition_glob, temp_glob
+
+log = logging.getLogger(__name__)
 from sinks.schema import OutputRow, to_table
 
 
@@ -47,8 +58,9 @@ class ParquetSink:
     """
 
     def __init__(self, url: str, include_text: bool = True, compression: str = "zstd",
-                 storage_options: dict[str, Any] | None = None) -> None:
+                 storage_options: dict[str, Any] | None = None, skip_written: bool = False) -> None:
         self.url = url
+        self.skip_written = skip_written
         self.include_text = include_text
         self.compression = compression
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -76,6 +88,8 @@ class ParquetSink:
             for _, part_rows in groupby(rows, key=lambda r: (r.topic, r.partition))
             for _, run in groupby(part_rows, key=lambda r: r.date)
         ]
+        if self.skip_written:
+            chunks = [piece for chunk in chunks for piece in self._unwritten(chunk)]
         written: list[WrittenFile] = []
         for i, chunk in enumerate(chunks):
             try:
@@ -86,6 +100,38 @@ class ParquetSink:
                 raise
         self._buffer = []
         return written
+
+    def _unwritten(self, chunk: list[OutputRow]) -> list[list[OutputRow]]:
+        """The rows of one (partition, date) run that no finished file holds, split around those files."""
+        first = chunk[0]
+        held = [(k.first_offset, k.last_offset) for k in self._keys(first.topic, first.date, first.partition)
+                if k.last_offset >= first.offset and k.first_offset <= chunk[-1].offset]
+        if not held:
+            return [chunk]
+        pieces: list[list[OutputRow]] = []
+        previous: int | None = None
+        for row in chunk:
+            if any(lo <= row.offset <= hi for lo, hi in held):
+                continue
+            if pieces and previous is not None and any(previous < lo and hi < row.offset for lo, hi in held):
+                pieces.append([])  # a finished file sits between the two rows: start a new file
+            if not pieces:
+                pieces.append([])
+            pieces[-1].append(row)
+            previous = row.offset
+        dropped = len(chunk) - sum(len(p) for p in pieces)
+        metrics.ROWS_ALREADY_WRITTEN.inc(dropped)
+        log.warning("%d rows of %s-%d (offsets %d..%d) are already in files another worker wrote; not writing them "
+                    "again", dropped, first.topic, first.partition, first.offset, chunk[-1].offset)
+        return [p for p in pieces if p]
+
+    def _keys(self, topic: str, date: str, partition: int) -> list[FileKey]:
+        folder = self._abs(FileKey(topic, date, partition, 0, 0).folder)
+        try:
+            names = [posixpath.basename(p) for p in self.fs.glob(f"{folder}/part-{partition:05d}-*.parquet")]
+        except OSError:
+            return []
+        return [k for k in (parse_name(topic, date, n) for n in names) if k is not None and k.partition == partition]
 
     def discard(self, topic: str, partition: int) -> int:
         """Drop buffered rows of a partition (lost in a rebalance); returns how many."""

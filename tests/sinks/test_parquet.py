@@ -93,3 +93,30 @@ def test_discard_drops_one_partition(tmp_path):
     sink.write([row("a", 0, 1), row("a", 1, 1), row("a", 1, 2)])
     assert sink.discard("a", 1) == 2
     assert [f.key.partition for f in sink.flush()] == [0]
+
+
+@pytest.mark.parametrize("url", ["local", "memory://nlpstream-zombie/out"])
+def test_skip_written_never_writes_offsets_another_worker_holds(tmp_path, url):
+    """A zombie (an evicted worker still holding rows) and the partition's new owner write exactly once."""
+    from sinks import metrics
+
+    root = str(tmp_path) if url == "local" else url
+    owner = ParquetSink(root, skip_written=True)
+    zombie = ParquetSink(root, skip_written=True)
+    zombie.write([row("a", 0, i) for i in range(40, 70)])  # in hand when it was evicted
+    owner.write([row("a", 0, i) for i in range(0, 100)])  # the new owner resumed from the files and read on
+    before = metrics.ROWS_ALREADY_WRITTEN._value.get()
+    assert [(f.key.first_offset, f.key.last_offset) for f in zombie.flush()] == [(40, 69)]
+    written = owner.flush()
+    assert [(f.key.first_offset, f.key.last_offset) for f in written] == [(0, 39), (70, 99)]
+    assert metrics.ROWS_ALREADY_WRITTEN._value.get() - before == 30
+    table = ds.dataset(owner.root, filesystem=owner.fs, partitioning="hive").to_table()
+    offsets = sorted(table.column("offset").to_pylist())
+    assert offsets == list(range(100))  # every offset once
+    assert owner.last_offset("a", 0) == 99
+    # everything already held: nothing is written, and a plain sink (backfill reruns) still rewrites
+    owner.write([row("a", 0, i) for i in range(10, 20)])
+    assert owner.flush() == []
+    plain = ParquetSink(root)
+    plain.write([row("a", 0, i) for i in range(0, 40)])
+    assert [(f.key.first_offset, f.key.last_offset) for f in plain.flush()] == [(0, 39)]

@@ -64,6 +64,24 @@ class OpenVINORunner:
         self.name = name
         self.concurrency = concurrency or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._local = threading.local()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run one tiny inference per graph on the constructing thread, before worker threads do.
+
+        OpenVINO's Python binding sets up pybind11's numpy bridge lazily, in a
+        function-local static whose initialiser releases and re-takes the GIL.
+        When two worker threads reach it first at the same moment, one holds
+        the static's guard and waits for the GIL while the other holds the GIL
+        and waits for the guard: the process hangs for good (caught with
+        ``py-spy dump --native`` on fresh workers hanging in their first batch,
+        about one start in a hundred here). Doing it once here, single-threaded,
+        removes the race.
+        """
+        ids = torch.ones((1, 4), dtype=torch.long)
+        for graph in (self.compiled, self.guard):
+            if graph is not None:
+                self._infer(graph.create_infer_request(), ids, ids)
 
     def _request(self, compiled: Any, slot: str) -> Any:
         req = getattr(self._local, slot, None)

@@ -48,9 +48,9 @@ def parse_name(topic: str, date: str, name: str) -> FileKey | None:
     return FileKey(topic, date, int(match.group(1)), int(match.group(2)), int(match.group(3)))
 
 
-def partition_glob(topic: str, partition: int) -> str:
-    """Glob (relative to the output root) matching every finished file of one partition."""
-    return f"topic={topic}/date=*/part-{partition:05d}-*.parquet"
+def partition_glob(topic: str, partition: int, date: str = "*") -> str:
+    """Glob (relative to the output root) matching the finished files of one partition (of one date)."""
+    return f"topic={topic}/date={date}/part-{partition:05d}-*.parquet"
 
 
 def temp_glob(topic: str, partition: int) -> str:

@@ -89,7 +89,11 @@ class ParquetSink:
             for _, run in groupby(part_rows, key=lambda r: r.date)
         ]
         if self.skip_written:
-            chunks = [piece for chunk in chunks for piece in self._unwritten(chunk)]
+            try:
+                chunks = [piece for chunk in chunks for piece in self._unwritten(chunk)]
+            except OSError as exc:  # the storage cannot be listed: retry the whole flush later
+                metrics.WRITE_ERRORS.inc()
+                raise SinkWriteError(f"cannot list {self.url} for files already written: {exc}") from exc
         written: list[WrittenFile] = []
         for i, chunk in enumerate(chunks):
             try:
@@ -104,7 +108,7 @@ class ParquetSink:
     def _unwritten(self, chunk: list[OutputRow]) -> list[list[OutputRow]]:
         """The rows of one (partition, date) run that no finished file holds, split around those files."""
         first = chunk[0]
-        held = [(k.first_offset, k.last_offset) for k in self._keys(first.topic, first.date, first.partition)
+        held = [(k.first_offset, k.last_offset) for k in self._keys(first.topic, first.partition, first.date)
                 if k.last_offset >= first.offset and k.first_offset <= chunk[-1].offset]
         if not held:
             return [chunk]
@@ -125,14 +129,6 @@ class ParquetSink:
                     "again", dropped, first.topic, first.partition, first.offset, chunk[-1].offset)
         return [p for p in pieces if p]
 
-    def _keys(self, topic: str, date: str, partition: int) -> list[FileKey]:
-        folder = self._abs(FileKey(topic, date, partition, 0, 0).folder)
-        try:
-            names = [posixpath.basename(p) for p in self.fs.glob(f"{folder}/part-{partition:05d}-*.parquet")]
-        except OSError:
-            return []
-        return [k for k in (parse_name(topic, date, n) for n in names) if k is not None and k.partition == partition]
-
     def discard(self, topic: str, partition: int) -> int:
         """Drop buffered rows of a partition (lost in a rebalance); returns how many."""
         before = len(self._buffer)
@@ -146,14 +142,17 @@ class ParquetSink:
     # -- resume support ---------------------------------------------------
     def last_offset(self, topic: str, partition: int) -> int | None:
         """Highest offset held by a finished file of the partition, or None."""
-        best: int | None = None
-        for path in self.fs.glob(self._abs(partition_glob(topic, partition))):
+        return max((k.last_offset for k in self._keys(topic, partition)), default=None)
+
+    def _keys(self, topic: str, partition: int, date: str = "*") -> list[FileKey]:
+        """Keys of the finished files of a partition (of one date folder)."""
+        keys = []
+        for path in self.fs.glob(self._abs(partition_glob(topic, partition, date))):
             folder, name = posixpath.split(path)
-            date = posixpath.basename(folder).removeprefix("date=")
-            key = parse_name(topic, date, name)
-            if key is not None and key.partition == partition and (best is None or key.last_offset > best):
-                best = key.last_offset
-        return best
+            key = parse_name(topic, posixpath.basename(folder).removeprefix("date="), name)
+            if key is not None and key.partition == partition:
+                keys.append(key)
+        return keys
 
     def remove_temp_files(self, topic: str, partition: int) -> int:
         """Delete temporary files a crashed writer left for this partition; returns how many."""

@@ -160,12 +160,17 @@ class KafkaInput:
         except (KafkaError, AssertionError):
             return None
 
-    def end_offsets(self, partitions: Iterable[TP]) -> dict[TP, int]:
-        """End offsets from the brokers (a network call bounded by the request timeout)."""
+    def end_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
+        """End offsets from the brokers; raises KafkaError (KafkaTimeoutError) after ``timeout_s``."""
         tps = [TopicPartition(t, p) for t, p in partitions]
         if not tps:
             return {}
-        return {(tp.topic, tp.partition): off for tp, off in self._consumer.end_offsets(tps).items()}
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if hasattr(fetcher, "end_offsets"):  # kafka-python 2.3: the public call waits request_timeout_ms (305 s)
+            offsets = fetcher.end_offsets(tps, int(timeout_s * 1000))
+        else:
+            offsets = self._consumer.end_offsets(tps)
+        return {(tp.topic, tp.partition): off for tp, off in offsets.items()}
 
     def fetch_state(self) -> str:
         """Best-effort description of the client's fetch state, for the log when fetching stalls."""

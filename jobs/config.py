@@ -113,6 +113,9 @@ class OutputConfig(_Section):
     flush_interval: float = Field(10.0, gt=0, description="Seconds between file flushes (and commits).")
     max_buffered_rows: int = Field(50_000, ge=1, description="Flush early when this many rows are buffered.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    skip_written: bool = Field(True, description=(
+        "Before each file, list the partition's files of that date and skip offsets another worker already "
+        "wrote (guards against an evicted zombie worker; costs one listing per file)."))
 
 
 class AlertConfig(_Section):

@@ -124,7 +124,7 @@ class StreamJob:
             self._engine = load_engine(**cfg.model.engine_options())
         conn = connection_settings(cfg)
         self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
-                                 cfg.output.compression, skip_written=True)
+                                 cfg.output.compression, skip_written=cfg.output.skip_written)
         self._dlq = DeadLetterQueue(conn, cfg.dlq_topic())
         self._alert_sinks: list[AlertSink] = []
         self._alert_producer = None

@@ -23,6 +23,7 @@ def test_defaults():
     assert cfg.model.model == "builtin:sentiment"
     assert cfg.metrics.metrics_host == "127.0.0.1"
     assert cfg.input.input_format == "json"
+    assert cfg.output.skip_written is True and cfg.kafka.fetch_stall_timeout == 120.0
 
 
 def test_errors_quote_fields_and_values(tmp_path):

@@ -44,21 +44,25 @@ class BrokerInfo:
     @property
     def sasl_bootstrap_servers(self) -> str | None:
         """SASL_PLAINTEXT listener (SCRAM-SHA-256/512) when users were given at first start."""
-        return f"127.0.0.1:{self.sasl_port}" if self.sasl_port else None
+        return _address(self.sasl_port)
 
     @property
     def ssl_bootstrap_servers(self) -> str | None:
         """SSL listener that requires a client certificate (mutual TLS), when started with ``tls``."""
-        return f"127.0.0.1:{self.ssl_port}" if self.ssl_port else None
+        return _address(self.ssl_port)
 
     @property
     def sasl_ssl_bootstrap_servers(self) -> str | None:
         """SASL_SSL listener (SCRAM over TLS), when started with ``tls`` and ``scram_users``."""
-        return f"127.0.0.1:{self.sasl_ssl_port}" if self.sasl_ssl_port else None
+        return _address(self.sasl_ssl_port)
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+def _address(port: int | None) -> str | None:
+    return f"127.0.0.1:{port}" if port else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,19 +137,19 @@ def _write_config(data_dir: Path, port: int, controller_port: int, sasl_port: in
                   tls: BrokerTls | None = None) -> Path:
     logs = data_dir / "kraft-logs"
     extra = {name: p for name, p in (("SASL_PLAINTEXT", sasl_port), ("SSL", ssl_port), ("SASL_SSL", sasl_ssl_port)) if p}
-    listeners = ",".join([f"PLAINTEXT://127.0.0.1:{port}", f"CONTROLLER://127.0.0.1:{controller_port}",
-                          *(f"{name}://127.0.0.1:{p}" for name, p in extra.items())])
-    advertised = ",".join([f"PLAINTEXT://127.0.0.1:{port}", *(f"{name}://127.0.0.1:{p}" for name, p in extra.items())])
+    served = [f"PLAINTEXT://127.0.0.1:{port}", *(f"{name}://127.0.0.1:{p}" for name, p in extra.items())]
+    listeners = ",".join([*served, f"CONTROLLER://127.0.0.1:{controller_port}"])
+    advertised = ",".join(served)
     protocol_map = ",".join(["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT", *(f"{name}:{name}" for name in extra)])
-    sasl: dict[str, str] = {}
+    security: dict[str, str] = {}
     module = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
     for name in ("SASL_PLAINTEXT", "SASL_SSL"):
         if name in extra:
-            sasl["sasl.enabled.mechanisms"] = "SCRAM-SHA-256,SCRAM-SHA-512"
+            security["sasl.enabled.mechanisms"] = "SCRAM-SHA-256,SCRAM-SHA-512"
             for mech in ("scram-sha-256", "scram-sha-512"):
-                sasl[f"listener.name.{name.lower()}.{mech}.sasl.jaas.config"] = module
+                security[f"listener.name.{name.lower()}.{mech}.sasl.jaas.config"] = module
     if tls is not None and (ssl_port or sasl_ssl_port):
-        sasl.update({
+        security.update({
             "ssl.keystore.type": "PEM",
             "ssl.keystore.location": str(Path(tls.keystore_file).resolve()),
             "ssl.truststore.type": "PEM",
@@ -160,7 +164,7 @@ def _write_config(data_dir: Path, port: int, controller_port: int, sasl_port: in
         "advertised.listeners": advertised,
         "controller.listener.names": "CONTROLLER",
         "listener.security.protocol.map": protocol_map,
-        **sasl,
+        **security,
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(logs),
         "num.partitions": "1",

@@ -12,6 +12,7 @@ out-of-memory error splits the batch in two and retries.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -245,8 +246,9 @@ class Engine:
         best = max(range(len(row)), key=row.__getitem__)
         return Prediction(label=self.labels[best], score=float(row[best]), probs=dict(zip(self.labels, row)))
 
+    @functools.cached_property
     def _specials(self) -> tuple[list[int], list[int]]:
-        """(prefix, suffix) special tokens the tokenizer wraps one text in, e.g. [CLS] / [SEP]."""
+        """(prefix, suffix) special tokens the tokenizer wraps one text in, e.g. [CLS] / [SEP] (computed once)."""
         specials = list(self.bundle.tokenizer("", add_special_tokens=True)["input_ids"])
         return (specials[:1], specials[1:]) if len(specials) >= 2 else ([], specials)
 
@@ -254,7 +256,7 @@ class Engine:
         """Token windows of at most max_length, overlapping by ``chunk_overlap`` tokens."""
         body = self.bundle.tokenizer(text, add_special_tokens=False, truncation=False, return_attention_mask=False,
                                      return_token_type_ids=False)["input_ids"]
-        prefix, suffix = self._specials()
+        prefix, suffix = self._specials
         room = self.max_length - len(prefix) - len(suffix)
         if len(body) <= room:
             return [prefix + body + suffix]

@@ -30,7 +30,7 @@ DEVICE_FAILURES = Counter(
 )
 GUARD_RERUNS = Counter(
     "nlpstream_inference_guard_reruns_total",
-    "Texts whose int8 margin was too small and were rerun in fp32 (agreement guard).",
+    "Texts whose int8 margin was too small and were rerun through the bf16 guard graph (agreement guard).",
 )
 CACHE_REQUESTS = Counter(
     "nlpstream_inference_cache_requests_total",

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 
-
 class Runner(Protocol):
     """Executes ``(input_ids, attention_mask) -> probs`` (float32, CPU tensor)."""
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -176,10 +179,6 @@ class WebhookAlertSink:
         self._pending.extend(a for a in alerts if self._seen.add(a.id))
 
     def _post(self, alert: Alert) -> None:
-        import time
-        import urllib.error
-        import urllib.request
-
         body = alert.to_json().encode("utf-8")
         headers = {"Content-Type": "application/json", "Idempotency-Key": alert.id, **self.headers}
         last: Exception | None = None
@@ -196,7 +195,8 @@ class WebhookAlertSink:
                     break  # the receiver refuses this alert; retrying will not help
             except (urllib.error.URLError, OSError) as exc:
                 last = exc
-            time.sleep(self.backoff_s * (2**attempt))
+            if attempt < self.retries:  # no wait after the last attempt
+                time.sleep(self.backoff_s * (2**attempt))
         raise SinkWriteError(f"webhook delivery of alert {alert.id} failed: {last}")
 
     def flush(self) -> None:

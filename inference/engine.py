@@ -4,10 +4,11 @@
 caller's thread (long texts truncated, or cut into overlapping windows whose
 probabilities are averaged), plans length-sorted batches
 (:mod:`inference.batching`) and keeps each device replica busy with up to
-``concurrency + 1`` batches in flight, so the next batch is padded while a
-device runs the current one. Batches go to the least-loaded live replica. A
-replica that raises is taken out and its batch reruns elsewhere; a CUDA
-out-of-memory error splits the batch in two and retries.
+``concurrency + 1`` batches in flight through :mod:`inference.scheduler`,
+so the next batch is padded while a device runs the current one. Batches go
+to the least-loaded live replica. A replica that raises is taken out and its
+batch reruns elsewhere; a CUDA out-of-memory error splits the batch in two
+and retries.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -29,23 +28,11 @@ from inference.cache import PredictionCache
 from inference.errors import DeviceError, InferenceError
 from inference.model import ModelBundle
 from inference.runtimes import OpenVINORunner, Runner, TorchRunner
+from inference.scheduler import _WAIT_STEP_S, Replica, Scheduler
 from inference.types import Prediction
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LONG_TEXT = ("truncate", "chunk")
-_WAIT_STEP_S = 30.0
-
-
-@dataclass
-class _Replica:
-    name: str
-    device: torch.device
-    runner: Runner
-    executor: ThreadPoolExecutor
-    concurrency: int = 1
-    in_flight: int = 0
-    alive: bool = True
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: bool) -> str:
@@ -118,13 +105,15 @@ class Engine:
         self._call_lock = threading.Lock()
         self._collector: _Collector | None = None
         self._replicas = self._build_replicas(list(devices), precision)
+        self._scheduler = Scheduler(self._replicas, self.budget, self.max_batch_size, self._pad,
+                                    lambda r, i, m: self._forward(r, i, m))
         self.devices = tuple(r.name for r in self._replicas)
         self.modes = {r.name: r.runner.name for r in self._replicas}
         self._closed = False
         self.last_tokens = 0  # tokens computed by the latest classify call (cache hits excluded)
 
     # -- construction -----------------------------------------------------
-    def _build_replicas(self, devices: list[str], precision: str) -> list[_Replica]:
+    def _build_replicas(self, devices: list[str], precision: str) -> list[Replica]:
         from inference import openvino_backend as ovb
 
         has_ov = any(d.startswith("cpu") for d in devices) and ovb.available()
@@ -143,7 +132,7 @@ class Engine:
             else:
                 runner = self._make_runner(mode, device)
                 concurrency = runner.concurrency
-            replicas.append(_Replica(
+            replicas.append(Replica(
                 name=f"{dev}#{i}", device=device, runner=runner, concurrency=concurrency,
                 executor=ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"nlpstream-{dev}-{i}"),
             ))
@@ -232,8 +221,7 @@ class Engine:
         if self._collector is not None:
             self._collector.stop()  # answers what is queued first
         self._closed = True
-        for replica in self._replicas:
-            replica.executor.shutdown(wait=True)
+        self._scheduler.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -293,62 +281,12 @@ class Engine:
             mask[row, : len(seq)] = 1
         return input_ids, mask
 
-    def _forward(self, replica: _Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return replica.runner(input_ids, mask)
 
-    def _timed(self, replica: _Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        probs = self._forward(replica, input_ids, mask)
-        seconds = time.perf_counter() - start
-        metrics.BATCH_SECONDS.labels(replica.name).observe(seconds)
-        return probs, seconds
-
-    def _pick(self) -> _Replica:
-        live = [r for r in self._replicas if r.alive]
-        if not live:
-            raise InferenceError("every device replica failed; see nlpstream_inference_device_failures_total")
-        return min(live, key=lambda r: r.in_flight / r.concurrency)
-
     def _run(self, ids: list[list[int]]) -> list[list[float]]:
-        lengths = [len(x) for x in ids]
-        self.last_tokens = sum(lengths)
-        pending: list[Batch] = plan_batches(lengths, self.budget.value, self.max_batch_size)
-        pending.reverse()  # pop() takes the longest first
-        results: list[list[float] | None] = [None] * len(ids)
-        running: dict[Future[tuple[torch.Tensor, float]], tuple[_Replica, Batch]] = {}
-        while pending or running:
-            while pending and (r := self._pick()).in_flight < r.concurrency + 1:
-                batch = pending.pop()
-                input_ids, mask = self._pad(ids, batch)
-                metrics.BATCH_TEXTS.observe(len(batch.indices))
-                metrics.BATCH_TOKENS.observe(batch.padded_tokens)
-                metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
-                r.in_flight += 1
-                running[r.executor.submit(self._timed, r, input_ids, mask)] = (r, batch)
-            metrics.QUEUE_DEPTH.set(len(pending) + len(running))
-            done, _ = wait(list(running), timeout=_WAIT_STEP_S, return_when=FIRST_COMPLETED)
-            for fut in done:
-                replica, batch = running.pop(fut)
-                replica.in_flight -= 1
-                try:
-                    probs, seconds = fut.result()
-                except torch.cuda.OutOfMemoryError:
-                    metrics.DEVICE_FAILURES.labels(replica.name, "oom").inc()
-                    pending.extend(self._split(batch, lengths))
-                    if replica.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                except Exception:  # noqa: BLE001 - a failing device is taken out, the batch reruns elsewhere
-                    metrics.DEVICE_FAILURES.labels(replica.name, "error").inc()
-                    replica.alive = False
-                    pending.append(batch)
-                    self._pick()  # raises when no replica is left
-                    continue
-                metrics.TOKEN_BUDGET.set(self.budget.observe(batch.padded_tokens, seconds))
-                for row, idx in enumerate(batch.indices):
-                    results[idx] = probs[row].tolist()
-        metrics.QUEUE_DEPTH.set(0)
-        rows = [r if r is not None else [] for r in results]
+        self.last_tokens = sum(len(x) for x in ids)
+        rows = self._scheduler.run(ids)
         self._guard(ids, rows)
         return rows
 
@@ -371,14 +309,6 @@ class Engine:
             probs = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
             for row, idx in enumerate(batch.indices):
                 rows[unsure[idx]] = probs[row].tolist()
-
-    @staticmethod
-    def _split(batch: Batch, lengths: list[int]) -> list[Batch]:
-        if len(batch.indices) == 1:
-            raise InferenceError("a single text does not fit in device memory")
-        half = len(batch.indices) // 2
-        parts = (batch.indices[:half], batch.indices[half:])
-        return [Batch(p, max(lengths[i] for i in p)) for p in parts]
 
 
 def _margin(row: list[float]) -> float:

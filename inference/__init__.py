@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.errors import DeviceError, InferenceError, ModelLoadError, TextError, UnsafeModelError
+from inference.errors import AgreementError, DeviceError, InferenceError, ModelLoadError, TextError, UnsafeModelError
 from inference.types import Prediction
 
 __all__ = [
+    "AgreementError",
     "DeviceError",
     "Engine",
     "InferenceError",
@@ -43,7 +44,8 @@ def load_engine(
     (default 2048 / 32 on CPU, 65536 / 1024 on GPU).
     ``long_text``: ``truncate`` or ``chunk``. ``options``: ``cache_entries``,
     ``cache_bytes``, ``target_latency_ms``, ``max_batch_delay_ms``,
-    ``chunk_overlap`` (see :class:`Engine`).
+    ``chunk_overlap``, ``min_agreement``, ``agreement_sample``,
+    ``probe_backoff_s`` (see :class:`Engine`).
     Raises ModelLoadError / UnsafeModelError / DeviceError / InferenceError.
     """
     from inference.devices import parse_devices

@@ -7,9 +7,9 @@ engine's own length-sorted, pre-padded batches (their tokenization and
 padding are not timed; the engine's are), the engine in fp32 (the reference
 for label agreement) and the engine with ``precision=auto``. Results are
 texts/s, tokens/s, ratios against the baselines measured in the same run and
-label agreement with the engine's fp32 path. ``--devices cuda`` measures
-tokens/s and the share of the GPU's dense bf16 peak for the builtin model and
-a BERT-base-sized model, and the scaling across GPUs.
+label agreement with the engine's fp32 path. ``--devices cuda`` runs
+:mod:`inference.gpu_bench` (steady state, device and end-to-end time apart,
+scaling over 1..N GPUs, share of peak, agreement with fp32).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from inference.batching import plan_batches
 _NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kim", "Lea", "Mo", "Nia"]
 _TAILS = ["Order {n}.", "Ticket #{n}.", "Ref {n}, sent from my phone.", "(account {n})", "Thanks, {name}.",
           "{name} from the {n} branch.", "Update {n}:", "cc {name}", "Case {n} still open?", ""]
-DENSE_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
 
 def make_corpus(n: int, seed: int = 0) -> list[str]:
@@ -212,43 +211,6 @@ def _flops_per_token(config: Any, seq: float) -> float:
     return 2.0 * (dense + attention)
 
 
-def run_gpu_bench(n_texts: int, echo: Callable[[str], None]) -> dict[str, Any]:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from inference.builtin import backbone_dir
-
-    name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
-    texts = make_corpus(n_texts)
-    result: dict[str, Any] = {"device": name, "gpus": torch.cuda.device_count(), "texts": n_texts, "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                          num_labels=3)
-        BertForSequenceClassification(base).save_pretrained(tmp, safe_serialization=True)
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(backbone_dir())).save_pretrained(tmp)
-        for label, model in (("builtin:sentiment (MiniLM-L6)", "builtin:sentiment"), ("BERT-base size (random)", tmp)):
-            targets = [("cuda:0", 1)] + ([("cuda", result["gpus"])] if result["gpus"] > 1 else [])
-            for devices, count in targets:
-                with load_engine(model, devices, "auto", cache_entries=0) as engine:
-                    ids = engine.tokenize(texts)
-                    tokens = sum(len(x) for x in ids)
-                    engine.classify(texts[: min(len(texts), 20000)])
-                    torch.cuda.synchronize()
-                    sec, _ = _best_of(2, lambda: engine.classify(texts))
-                    config = engine.bundle.module.backbone.config if model.startswith("builtin") else \
-                        engine.bundle.module.inner.config
-                    run = _rate(f"{label} on {devices}", sec, n_texts, tokens)
-                    run["gpus"] = count
-                    if peak:
-                        flops = _flops_per_token(config, tokens / n_texts) * tokens / sec
-                        run["share_of_dense_bf16_peak"] = round(flops / (peak * count), 4)
-                    result["runs"].append(run)
-    return result
-
-
 def run_memory_loop(total: int, chunk: int = 1000, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Classify ``total`` fresh texts in chunks; report resident memory along the way (MiB)."""
     import resource
@@ -271,21 +233,23 @@ def run_memory_loop(total: int, chunk: int = 1000, echo: Callable[[str], None] =
     return {"texts": total, "rss_mib": samples, "peak_mib": round(peak, 1)}
 
 
-def run_bench(n_texts: int = 2000, model: str = "builtin:sentiment", devices: str = "cpu",
-              include_pipeline: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the CPU or GPU comparison and return (and echo) the results."""
+def run_bench(n_texts: int | None = None, model: str = "builtin:sentiment", devices: str = "cpu",
+              include_pipeline: bool = True, echo: Callable[[str], None] = print, warmup: int = 10_000,
+              precision: str = "auto", peak_tflops: float | None = None) -> dict[str, Any]:
+    """Run the CPU comparison (2,000 texts by default) or the GPU bench (100,000); return and echo the results."""
     if devices.startswith("cuda"):
-        result = run_gpu_bench(n_texts, echo)
-    else:
-        result = run_cpu_bench(n_texts, model, include_pipeline, echo)
+        from inference.devices import parse_devices
+        from inference.gpu_bench import run_device_bench
+
+        return run_device_bench(model, parse_devices(devices), n_texts or 100_000, warmup, precision,
+                                peak_tflops=peak_tflops, echo=echo)
+    result = run_cpu_bench(n_texts or 2000, model, include_pipeline, echo)
     echo(f"corpus: {result['texts']} distinct texts" + (f", mean {result['mean_tokens']} tokens, max {result['max_tokens']}"
                                                           if "mean_tokens" in result else "") + f"; device {result['device']}")
     for run in result["runs"]:
         line = f"  {run['name']:<44} {run['texts_per_s']:>10.1f} texts/s {run['tokens_per_s']:>12.1f} tokens/s"
         if "agreement_vs_fp32" in run:
             line += f"  agree {run['agreement_vs_fp32']:.4f}"
-        if "share_of_dense_bf16_peak" in run:
-            line += f"  {100 * run['share_of_dense_bf16_peak']:.1f}% of dense bf16 peak"
         echo(line)
     if "engine_vs_best_pipeline" in result:
         echo(f"  engine / best transformers.pipeline = {result['engine_vs_best_pipeline']}x")

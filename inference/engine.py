@@ -2,22 +2,31 @@
 
 ``classify`` serves repeated texts from the cache, tokenizes the rest in the
 caller's thread (long texts truncated, or cut into overlapping windows whose
-probabilities are averaged), plans length-sorted batches
-(:mod:`inference.batching`) and keeps each device replica busy with up to
-``concurrency + 1`` batches in flight through :mod:`inference.scheduler`,
-so the next batch is padded while a device runs the current one. Batches go
-to the least-loaded live replica. A replica that raises is taken out and its
-batch reruns elsewhere; a CUDA out-of-memory error splits the batch in two
-and retries.
+probabilities are averaged) and hands the token ids to
+:mod:`inference.scheduler`, which plans length-sorted batches and keeps each
+device replica busy with up to ``concurrency + 1`` batches in flight.
+
+Failures (see the scheduler for the rules): a transient runner fault is
+retried and changes nothing; a text that makes the model fail alone, twice,
+on healthy devices is reported for that text only (:meth:`Engine.classify_each`
+returns a :class:`TextError` in its place); a device that fails a known-good
+probe is taken out and probed again with backoff; with no replica left
+:class:`DeviceError` is raised. GPU replicas pick bf16 only where the device
+runs it natively (compute capability 8.0 or newer), fp16 otherwise, and each
+replica that does not run fp32 is checked against fp32 on a fixed sample at
+start-up (:class:`AgreementError` below ``min_agreement``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import resources
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -25,7 +34,7 @@ import torch
 from inference import metrics
 from inference.batching import Batch, TokenBudget, plan_batches, should_dispatch
 from inference.cache import PredictionCache
-from inference.errors import DeviceError, InferenceError
+from inference.errors import AgreementError, DeviceError, InferenceError, TextError
 from inference.model import ModelBundle
 from inference.runtimes import OpenVINORunner, Runner, TorchRunner
 from inference.scheduler import _WAIT_STEP_S, Replica, Scheduler
@@ -33,14 +42,27 @@ from inference.types import Prediction
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LONG_TEXT = ("truncate", "chunk")
+BF16_NATIVE = (8, 0)  # Ampere and newer run bf16 in hardware; older GPUs only emulate it (slowly)
+log = logging.getLogger(__name__)
+RunnerFactory = Callable[[str, torch.device], Runner]
+Capability = Callable[[torch.device], tuple[int, int]]
 
 
-def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: bool) -> str:
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of one CUDA device (not device 0's for all)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
+
+
+def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: bool,
+                   capability: tuple[int, int] | None = None) -> str:
     """The runtime and precision used for ``precision`` on ``device``.
 
     CPU: ``auto`` -> OpenVINO int8 with a bf16 agreement guard when OpenVINO
     and NNCF are installed, else PyTorch fp32; ``bf16`` -> OpenVINO bf16 (else
-    PyTorch autocast). GPU: ``auto`` -> bf16 (fp16 where bf16 is missing).
+    PyTorch autocast). GPU (``capability`` is that device's compute
+    capability): ``auto`` -> bf16 where it is native (8.0 or newer), else
+    fp16; ``bf16`` on an older GPU is refused (it would be emulated).
     Raises InferenceError for unknown or unsupported combinations.
     """
     if precision not in PRECISIONS:
@@ -48,8 +70,12 @@ def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: b
     if device.startswith("cuda"):
         if precision == "int8":
             raise InferenceError("precision='int8' is for CPU; use bf16 or fp16 on GPU")
+        native_bf16 = capability is not None and tuple(capability) >= BF16_NATIVE
         if precision == "auto":
-            return "torch-bf16" if torch.cuda.is_bf16_supported() else "torch-fp16"
+            return "torch-bf16" if native_bf16 else "torch-fp16"
+        if precision == "bf16" and not native_bf16:
+            raise InferenceError(f"precision='bf16' on {device} (compute capability {_cc(capability)}) would be "
+                                 "emulated and slow; use fp16, fp32 or auto (bf16 needs 8.0 or newer)")
         return f"torch-{precision}"
     if precision == "fp16":
         raise InferenceError("precision='fp16' is not supported on CPU; use int8, bf16 or fp32")
@@ -62,6 +88,18 @@ def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: b
     if precision == "auto":
         return "openvino-int8" if openvino_int8 else "torch-fp32"
     return "torch-fp32"
+
+
+def _cc(capability: tuple[int, int] | None) -> str:
+    return "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+
+
+def agreement_sample(n: int) -> list[str]:
+    """A fixed, varied sample of ``n`` short English texts (shipped sentences, every k-th line)."""
+    path = resources.files("inference.builtin").joinpath("data/sentiment_heldout.jsonl")
+    lines = [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    step = max(1, len(lines) // max(1, n))
+    return lines[::step][:n]
 
 
 class Engine:
@@ -84,11 +122,24 @@ class Engine:
         target_latency_ms: float | None = None,
         max_batch_delay_ms: float = 5.0,
         chunk_overlap: int = 64,
+        min_agreement: float = 0.9,
+        agreement_sample: int = 64,
+        probe_backoff_s: float = 1.0,
+        runner_factory: RunnerFactory | None = None,
+        capability: Capability | None = None,
     ) -> None:
+        """``min_agreement``: the least share of the fixed start-up sample whose label on a replica
+        that does not run fp32 must equal the fp32 label (0 turns the check off);
+        ``agreement_sample``: that sample's size; ``probe_backoff_s``: first wait before a
+        replica that is down is probed again. ``runner_factory(mode, device)`` and
+        ``capability(device)`` replace how runners are built and GPUs are queried (tests,
+        custom runtimes)."""
         if long_text not in LONG_TEXT:
             raise InferenceError(f"long_text={long_text!r}; expected 'truncate' or 'chunk'")
         if not devices:
             raise DeviceError("no device given")
+        if not 0.0 <= min_agreement <= 1.0:
+            raise InferenceError(f"min_agreement ({min_agreement}) must be between 0 and 1")
         self.bundle = bundle
         self.labels = bundle.labels
         self.model_name = bundle.name
@@ -104,12 +155,24 @@ class Engine:
         self.cache = PredictionCache(bundle.name, cache_entries, cache_bytes)
         self._call_lock = threading.Lock()
         self._collector: _Collector | None = None
+        self._runner_factory = runner_factory or self._make_runner
+        self._capability = capability or cuda_capability
+        self._closed = False
         self._replicas = self._build_replicas(list(devices), precision)
+        probe_ids = self.tokenize(["The service was fine, thanks."])
         self._scheduler = Scheduler(self._replicas, self.budget, self.max_batch_size, self._pad,
-                                    lambda r, i, m: self._forward(r, i, m))
+                                    lambda r, i, m: self._forward(r, i, m),
+                                    probe=self._pad(probe_ids, Batch((0,), len(probe_ids[0]))),
+                                    probe_backoff_s=probe_backoff_s)
         self.devices = tuple(r.name for r in self._replicas)
         self.modes = {r.name: r.runner.name for r in self._replicas}
-        self._closed = False
+        self.agreement: dict[str, float] = {}
+        try:
+            if min_agreement > 0:
+                self._check_agreement(min_agreement, agreement_sample)
+        except BaseException:
+            self._scheduler.close()
+            raise
         self.last_tokens = 0  # tokens computed by the latest classify call (cache hits excluded)
 
     # -- construction -----------------------------------------------------
@@ -122,16 +185,19 @@ class Engine:
         shared: dict[str, Runner] = {}
         replicas = []
         for i, dev in enumerate(devices):
-            mode = precision_mode(precision, dev, has_ov, has_nncf)
             device = torch.device(dev)
+            capability = self._capability(device) if device.type == "cuda" else None
+            mode = precision_mode(precision, dev, has_ov, has_nncf, capability)
             if device.type == "cpu":  # CPU replicas share one runner and split its concurrency
                 if mode not in shared:
-                    shared[mode] = self._make_runner(mode, device)
+                    shared[mode] = self._runner_factory(mode, device)
                 runner = shared[mode]
                 concurrency = max(1, runner.concurrency // cpu_count)
             else:
-                runner = self._make_runner(mode, device)
+                runner = self._runner_factory(mode, device)
                 concurrency = runner.concurrency
+            if capability is not None:
+                log.info("%s: compute capability %s, %s", dev, _cc(capability), mode)
             replicas.append(Replica(
                 name=f"{dev}#{i}", device=device, runner=runner, concurrency=concurrency,
                 executor=ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"nlpstream-{dev}-{i}"),
@@ -161,8 +227,22 @@ class Engine:
         """Label ``texts``; results are in the caller's order, one per text.
 
         Identical texts are computed once, and the cache serves texts seen
-        before. Raises InferenceError when every device failed, DeviceError
-        when the engine is closed.
+        before. Raises TextError (``index`` = the first such text) when a text
+        fails alone on healthy devices (use :meth:`classify_each` to get the
+        others' labels as well), DeviceError when no device replica is live or
+        the engine is closed.
+        """
+        results = self.classify_each(texts)
+        for i, result in enumerate(results):
+            if isinstance(result, TextError):
+                raise TextError(i, str(result)) from None
+        return results  # type: ignore[return-value]
+
+    def classify_each(self, texts: Sequence[str]) -> list[Prediction | TextError]:
+        """Like :meth:`classify`, but a text that fails alone on healthy devices gets a TextError in its place.
+
+        Only DeviceError (no replica live, engine closed) is raised; the texts
+        of that call then have no result and must not be dead-lettered.
         """
         if self._closed:
             raise DeviceError("engine is closed")
@@ -180,16 +260,27 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("hit").inc(hits)
             metrics.CACHE_REQUESTS.labels("miss").inc(len(distinct) - hits)
         missing = [i for i, r in enumerate(rows) if r is None]
+        failed: dict[int, str] = {}
         self.last_tokens = 0
         if missing:
             with self._call_lock:
-                computed = self._classify_texts([distinct[i] for i in missing])
-            for i, row in zip(missing, computed):
+                computed, errors = self._classify_texts([distinct[i] for i in missing])
+            for j, (i, row) in enumerate(zip(missing, computed)):
+                if j in errors:
+                    failed[i] = errors[j]
+                    continue
                 rows[i] = row
                 if keys:
-                    self.cache.put(keys[i], row)
-        preds = [self._prediction(row) for row in rows]  # type: ignore[arg-type]
-        return [preds[s] for s in slots]
+                    self.cache.put(keys[i], row)  # type: ignore[arg-type]
+        preds: list[Prediction | TextError] = [
+            TextError(i, failed[i]) if i in failed else self._prediction(row)  # type: ignore[arg-type]
+            for i, row in enumerate(rows)
+        ]
+        out: list[Prediction | TextError] = []
+        for pos, s in enumerate(slots):
+            p = preds[s]
+            out.append(TextError(pos, str(p)) if isinstance(p, TextError) else p)
+        return out
 
     def submit(self, texts: Sequence[str]) -> Future[list[Prediction]]:
         """Queue ``texts`` to be batched with other callers' within ``max_batch_delay_ms``."""
@@ -252,23 +343,57 @@ class Engine:
         starts = range(0, max(1, len(body) - self.chunk_overlap), step)
         return [prefix + body[s : s + room] + suffix for s in starts]
 
-    def _classify_texts(self, texts: list[str]) -> list[list[float]]:
+    def _tokenize_each(self, texts: list[str]) -> tuple[list[list[int]], dict[int, str]]:
+        """Token ids per text; when the tokenizer raises on the whole list, texts go one by one
+        and those it raises on alone are returned as ``{index: reason}`` (with empty ids)."""
+        try:
+            return self.tokenize(texts), {}
+        except Exception:  # noqa: BLE001 - isolate the texts the tokenizer refuses
+            ids: list[list[int]] = []
+            errors: dict[int, str] = {}
+            for i, text in enumerate(texts):
+                try:
+                    ids.append(self.tokenize([text])[0])
+                except Exception as exc:  # noqa: BLE001 - reported for that text alone
+                    ids.append([])
+                    errors[i] = f"tokenizer: {type(exc).__name__}: {exc}"
+            return ids, errors
+
+    def _classify_texts(self, texts: list[str]) -> tuple[list[list[float] | None], dict[int, str]]:
+        """Probabilities per text (None where it failed) and ``{index: reason}`` of failed texts."""
         if self.long_text == "truncate":
-            return self._run(self.tokenize(texts))
+            ids, bad = self._tokenize_each(texts)
+            good = [i for i in range(len(texts)) if i not in bad]
+            rows, failures = self._run([ids[i] for i in good])
+            out: list[list[float] | None] = [None] * len(texts)
+            for j, i in enumerate(good):
+                out[i] = rows[j]
+                if j in failures:
+                    bad[i] = failures[j]
+            return out, bad
         items: list[list[int]] = []
         owners: list[int] = []
+        bad = {}
         for t_index, text in enumerate(texts):
-            windows = self._windows(text)
+            try:
+                windows = self._windows(text)
+            except Exception as exc:  # noqa: BLE001 - reported for that text alone
+                bad[t_index] = f"tokenizer: {type(exc).__name__}: {exc}"
+                continue
             items.extend(windows)
             owners.extend([t_index] * len(windows))
-        item_rows = self._run(items)
+        item_rows, failures = self._run(items)
+        for j in failures:
+            bad.setdefault(owners[j], failures[j])
         sums: list[list[float]] = [[0.0] * len(self.labels) for _ in texts]
         weights = [0.0] * len(texts)
-        for owner, ids, row in zip(owners, items, item_rows):
-            w = float(len(ids))
+        for owner, ids_, row in zip(owners, items, item_rows):
+            if owner in bad or row is None:
+                continue
+            w = float(len(ids_))
             weights[owner] += w
             sums[owner] = [s + w * p for s, p in zip(sums[owner], row)]
-        return [[s / weights[i] for s in sums[i]] for i in range(len(texts))]
+        return [None if i in bad else [s / weights[i] for s in sums[i]] for i in range(len(texts))], bad
 
     def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pad_id = self.bundle.tokenizer.pad_token_id or 0
@@ -284,31 +409,93 @@ class Engine:
     def _forward(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return replica.runner(input_ids, mask)
 
-    def _run(self, ids: list[list[int]]) -> list[list[float]]:
+    def _run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
         self.last_tokens = sum(len(x) for x in ids)
-        rows = self._scheduler.run(ids)
+        if not ids:
+            return [], {}
+        rows, failures = self._scheduler.run(ids)
         self._guard(ids, rows)
-        return rows
+        return rows, failures
 
-    def _guard(self, ids: list[list[int]], rows: list[list[float]]) -> None:
+    def _guard(self, ids: list[list[int]], rows: list[list[float] | None]) -> None:
         """Rerun the rows whose top-two margin is below the runner's guard margin through its guard graph.
 
-        Done once per call, in length-sorted batches, so the reruns batch as well as the first pass.
+        Done once per call, in length-sorted batches, so the reruns batch as
+        well as the first pass. A guard graph that raises leaves the first
+        pass's rows as they are (counted in ``nlpstream_inference_device_failures_total``).
         """
         runner = next((r.runner for r in self._replicas if r.alive and getattr(r.runner, "guard", None) is not None), None)
         if runner is None:
             return
         margin = runner.guard_margin  # type: ignore[attr-defined]
-        unsure = [i for i, row in enumerate(rows) if len(row) > 1 and _margin(row) < margin]
+        unsure = [i for i, row in enumerate(rows) if row is not None and len(row) > 1 and _margin(row) < margin]
         if not unsure:
             return
         metrics.GUARD_RERUNS.inc(len(unsure))
         sub = [ids[i] for i in unsure]
         for batch in plan_batches([len(x) for x in sub], self.budget.value, self.max_batch_size):
             input_ids, mask = self._pad(sub, batch)
-            probs = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
+            try:
+                probs = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - the first pass's labels stand
+                metrics.DEVICE_FAILURES.labels("guard", "error").inc()
+                log.warning("guard graph failed, keeping int8 labels for %d texts: %s", len(batch.indices), exc)
+                continue
+            if not bool(torch.isfinite(probs).all()):
+                continue
             for row, idx in enumerate(batch.indices):
                 rows[unsure[idx]] = probs[row].tolist()
+
+    def _check_agreement(self, min_agreement: float, size: int) -> None:
+        """Compare each replica's labels on a fixed sample with fp32's; export and log the share.
+
+        Runs for every distinct runner that is not fp32 PyTorch (GPU bf16/fp16,
+        CPU OpenVINO or bf16). Raises AgreementError below ``min_agreement``.
+        """
+        checked = [r for r in self._replicas if r.runner.name != "torch-float32"]
+        if not checked:
+            return
+        texts = agreement_sample(size)
+        ids = self.tokenize(texts)
+        batches = plan_batches([len(x) for x in ids], self.budget.value, self.max_batch_size)
+        reference = self._runner_factory("torch-fp32", torch.device("cpu"))
+        expected = self._labels_of(reference, ids, batches)
+        seen: dict[int, float] = {}
+        for replica in checked:
+            if id(replica.runner) not in seen:
+                try:
+                    got = self._labels_of(replica.runner, ids, batches)
+                except Exception as exc:  # noqa: BLE001 - a replica that cannot run the sample cannot serve
+                    raise DeviceError(f"{replica.name} ({replica.runner.name}) failed the start-up fp32 agreement "
+                                      f"check: {type(exc).__name__}: {exc}") from exc
+                seen[id(replica.runner)] = sum(a == b for a, b in zip(expected, got)) / len(expected)
+            share = seen[id(replica.runner)]
+            self.agreement[replica.name] = share
+            metrics.FP32_AGREEMENT.labels(replica.name).set(share)
+            log.info("%s (%s): labels agree with fp32 on %.1f%% of %d sample texts",
+                     replica.name, replica.runner.name, 100 * share, len(expected))
+            if share < min_agreement:
+                raise AgreementError(
+                    f"{replica.name} ({replica.runner.name}) agrees with fp32 on {share:.1%} of {len(expected)} "
+                    f"sample texts, below min_agreement {min_agreement:.0%}; use precision='fp32' (or a "
+                    "lower min_agreement if this model is known to be unsure)")
+
+    def _labels_of(self, runner: Runner, ids: list[list[int]], batches: list[Batch]) -> list[int]:
+        labels = [-1] * len(ids)
+        for batch in batches:
+            input_ids, mask = self._pad(ids, batch)
+            with torch.inference_mode():
+                probs = runner(input_ids, mask)
+            guard = getattr(runner, "guard", None)
+            rows = probs.tolist()
+            if guard is not None:  # the engine's int8 path as it runs: unsure rows through the guard graph
+                reference = runner.reference(input_ids, mask).tolist()  # type: ignore[attr-defined]
+                rows = [ref if len(r) > 1 and _margin(r) < runner.guard_margin else r  # type: ignore[attr-defined]
+                        for r, ref in zip(rows, reference)]
+            for row, idx in zip(rows, batch.indices):
+                finite = all(v == v and abs(v) != float("inf") for v in row)
+                labels[idx] = max(range(len(row)), key=row.__getitem__) if finite else -1
+        return labels
 
 
 def _margin(row: list[float]) -> float:
@@ -358,12 +545,17 @@ class _Collector:
     def _dispatch(self, pending: list[tuple[list[str], Future[list[Prediction]], float]]) -> None:
         texts = [t for batch, _, _ in pending for t in batch]
         try:
-            preds = self.engine.classify(texts)  # raises DeviceError once the engine is closed
+            preds = self.engine.classify_each(texts)  # raises DeviceError once the engine is closed
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
             for _, fut, _ in pending:
                 fut.set_exception(exc)
             return
         start = 0
         for batch, fut, _ in pending:
-            fut.set_result(preds[start : start + len(batch)])
+            mine = preds[start : start + len(batch)]
             start += len(batch)
+            bad = next((i for i, p in enumerate(mine) if isinstance(p, TextError)), None)
+            if bad is None:
+                fut.set_result(mine)  # type: ignore[arg-type]
+            else:
+                fut.set_exception(TextError(bad, str(mine[bad])))

@@ -16,7 +16,15 @@ class UnsafeModelError(ModelLoadError):
 
 
 class DeviceError(InferenceError):
-    """A device spec is invalid, or every device failed."""
+    """A device spec is invalid, or no device replica is live.
+
+    Never a property of the input: a caller must not dead-letter texts for it
+    (the stream job stops without committing them, and a restart resumes).
+    """
+
+
+class AgreementError(DeviceError):
+    """At start-up a replica's labels on the fixed sample agree with fp32 less than ``min_agreement``."""
 
 
 class TextError(InferenceError):

@@ -25,8 +25,32 @@ PADDING_SHARE = Histogram(
 )
 DEVICE_FAILURES = Counter(
     "nlpstream_inference_device_failures_total",
-    "Batches that failed on a device (the batch is rerun elsewhere or split).",
+    "Batch attempts that failed on a device, by reason (error, nonfinite = NaN/inf output, oom).",
     ["device", "reason"],
+)
+BATCH_RETRIES = Counter(
+    "nlpstream_inference_batch_retries_total",
+    "Failed batches sent again: retry (same batch, device healthy), split (halves), device (its replica went down).",
+    ["reason"],
+)
+ITEM_FAILURES = Counter(
+    "nlpstream_inference_item_failures_total",
+    "Inputs that failed alone, twice, on healthy devices and were reported as failed (dead-lettered by the job).",
+)
+REPLICA_UP = Gauge(
+    "nlpstream_inference_replica_up",
+    "1 while a device replica is in service, 0 while it is down and being probed with backoff.",
+    ["device"],
+)
+DEVICE_TOKEN_CAP = Gauge(
+    "nlpstream_inference_device_token_cap",
+    "Padded-token cap of a device's batches after an out-of-memory error (absent: no cap).",
+    ["device"],
+)
+FP32_AGREEMENT = Gauge(
+    "nlpstream_inference_fp32_agreement",
+    "Share of a fixed start-up sample whose label on this replica equals the fp32 label.",
+    ["device"],
 )
 GUARD_RERUNS = Counter(
     "nlpstream_inference_guard_reruns_total",

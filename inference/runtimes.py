@@ -51,6 +51,12 @@ class TorchRunner:
                 logits = self.module(input_ids, mask)
             return torch.softmax(logits.float(), dim=-1).cpu()
 
+    def release(self) -> None:
+        """Return this device's cached blocks to the driver (after out-of-memory; on the replica's worker)."""
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
+
 
 class OpenVINORunner:
     """OpenVINO CPU execution of a compiled model, one infer request per thread."""

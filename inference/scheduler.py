@@ -1,14 +1,35 @@
-"""Scheduling over device replicas: token-budget batches, least-loaded dispatch, failover, OOM split.
+"""Scheduling over device replicas: token-budget batches, least-loaded dispatch, retries, failover, OOM split.
 
 A :class:`Scheduler` takes token ids (already prepared by the engine), plans
-length-sorted batches (:mod:`inference.batching`) and keeps each replica
+length-sorted batches (:mod:`inference.batching`) and keeps each live replica
 busy with up to ``concurrency + 1`` batches in flight, so the next batch is
 padded while a device runs the current one. It knows nothing of texts,
-caches or labels.
+caches or labels. Ties between equally loaded replicas go round-robin.
+
+Failure semantics (each attempt runs on the replica's own worker thread and
+never raises out of it):
+
+- A batch that raises, or returns NaN or infinite probabilities, is followed
+  on the same worker by a *probe*: a tiny known-good batch, tried twice.
+- Probe fails: the device is gone. The replica is taken out (one WARNING,
+  ``nlpstream_inference_replica_up`` 0), its batch goes back to the queue
+  unchanged, and the replica is probed again after a backoff (1 s, doubling
+  to 60 s) while other replicas work; it comes back when a probe answers.
+- Probe passes: the device is fine and the batch is retried, on another
+  replica where one is live (a transient fault changes nothing). A batch
+  that fails again is split in halves; a single text that fails twice on
+  healthy replicas is reported as a failure of that text alone.
+- CUDA out of memory: the batch is split, that replica's token cap halves
+  (and stays so), and its cache is released on its own worker thread.
+- No live replica left: :class:`DeviceError`.
+
+Whatever raises inside :meth:`Scheduler.run`, every batch in flight is
+collected and every replica's ``in_flight`` returns to zero.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,17 +40,25 @@ import torch
 
 from inference import metrics
 from inference.batching import Batch, TokenBudget, plan_batches
-from inference.errors import InferenceError
+from inference.errors import DeviceError
 from inference.runtimes import Runner
 
+log = logging.getLogger(__name__)
 _WAIT_STEP_S = 30.0
+_DRAIN_S = 120.0
+MAX_BACKOFF_S = 60.0
+MIN_TOKEN_CAP = 256
 Pad = Callable[[list[list[int]], Batch], tuple[torch.Tensor, torch.Tensor]]
 Forward = Callable[["Replica", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class NonFiniteOutput(RuntimeError):
+    """A runner returned NaN or infinite probabilities (fp16 overflow, a faulty device)."""
+
+
 @dataclass
 class Replica:
-    """One runner on one device with its worker threads."""
+    """One runner on one device with its worker threads, and its health."""
 
     name: str
     device: torch.device
@@ -38,82 +67,299 @@ class Replica:
     concurrency: int = 1
     in_flight: int = 0
     alive: bool = True
+    token_cap: int | None = None  # set after an out-of-memory error: batches above it are split first
+    backoff_s: float = 0.0
+    retry_at: float = 0.0  # monotonic time of the next probe while down
+    busy_s: float = 0.0  # device seconds spent on successful batches (bench)
+    padded_tokens: int = 0
+    real_tokens: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _Work:
+    batch: Batch
+    attempts: int = 0  # failures on healthy replicas so far
+    avoid: str | None = None  # replica the last failure happened on
+
+
+@dataclass(slots=True)
+class _Outcome:
+    kind: str  # ok | oom | error | nonfinite | probe
+    probs: torch.Tensor | None = None
+    seconds: float = 0.0
+    error: str = ""
+    healthy: bool = True
+
+
 class Scheduler:
-    """Runs prepared token ids over ``replicas``; one :meth:`run` at a time (the engine serialises calls)."""
+    """Runs prepared token ids over ``replicas``; one :meth:`run` at a time (the engine serialises calls).
+
+    ``probe``: the known-good ``(input_ids, mask)`` batch that tells a gone
+    device from a bad batch. ``probe_backoff_s``: the first wait before a
+    replica that is down is probed again.
+    """
 
     def __init__(self, replicas: list[Replica], budget: TokenBudget, max_batch_size: int, pad: Pad,
-                 forward: Forward) -> None:
+                 forward: Forward, probe: tuple[torch.Tensor, torch.Tensor], probe_backoff_s: float = 1.0) -> None:
         self.replicas = replicas
         self.budget = budget
         self.max_batch_size = max_batch_size
+        self.probe_backoff_s = probe_backoff_s
         self._pad = pad
         self._forward = forward
+        self._probe_batch = probe
+        self._last_pick = -1
+        for r in replicas:
+            metrics.REPLICA_UP.labels(r.name).set(1)
 
-    def _timed(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        probs = self._forward(replica, input_ids, mask)
-        seconds = time.perf_counter() - start
-        metrics.BATCH_SECONDS.labels(replica.name).observe(seconds)
-        return probs, seconds
+    # -- public ---------------------------------------------------------------
+    def run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
+        """Probabilities per item of ``ids`` (None where it failed) and ``{index: reason}`` of failed items.
 
-    def _pick(self) -> Replica:
-        live = [r for r in self.replicas if r.alive]
-        if not live:
-            raise InferenceError("every device replica failed; see nlpstream_inference_device_failures_total")
-        return min(live, key=lambda r: r.in_flight / r.concurrency)
-
-    def run(self, ids: list[list[int]]) -> list[list[float]]:
-        """Probabilities per item of ``ids``, in order."""
+        An item fails only when it failed alone, twice, on replicas whose probe
+        passed. Raises DeviceError when no replica is live (nothing is left
+        running then).
+        """
         lengths = [len(x) for x in ids]
-        pending: list[Batch] = plan_batches(lengths, self.budget.value, self.max_batch_size)
-        pending.reverse()  # pop() takes the longest first
+        pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size))]
         results: list[list[float] | None] = [None] * len(ids)
-        running: dict[Future[tuple[torch.Tensor, float]], tuple[Replica, Batch]] = {}
-        while pending or running:
-            while pending and (r := self._pick()).in_flight < r.concurrency + 1:
-                batch = pending.pop()
-                input_ids, mask = self._pad(ids, batch)
-                metrics.BATCH_TEXTS.observe(len(batch.indices))
-                metrics.BATCH_TOKENS.observe(batch.padded_tokens)
-                metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
-                r.in_flight += 1
-                running[r.executor.submit(self._timed, r, input_ids, mask)] = (r, batch)
-            metrics.QUEUE_DEPTH.set(len(pending) + len(running))
-            done, _ = wait(list(running), timeout=_WAIT_STEP_S, return_when=FIRST_COMPLETED)
-            for fut in done:
-                replica, batch = running.pop(fut)
-                replica.in_flight -= 1
-                try:
-                    probs, seconds = fut.result()
-                except torch.cuda.OutOfMemoryError:
-                    metrics.DEVICE_FAILURES.labels(replica.name, "oom").inc()
-                    pending.extend(self._split(batch, lengths))
-                    if replica.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                except Exception:  # noqa: BLE001 - a failing device is taken out, the batch reruns elsewhere
-                    metrics.DEVICE_FAILURES.labels(replica.name, "error").inc()
-                    replica.alive = False
-                    pending.append(batch)
-                    self._pick()  # raises when no replica is left
-                    continue
-                metrics.TOKEN_BUDGET.set(self.budget.observe(batch.padded_tokens, seconds))
-                for row, idx in enumerate(batch.indices):
-                    results[idx] = probs[row].tolist()
-        metrics.QUEUE_DEPTH.set(0)
-        return [r if r is not None else [] for r in results]
+        failures: dict[int, str] = {}
+        running: dict[Future[_Outcome], tuple[Replica, _Work | None]] = {}
+        try:
+            while pending or running:
+                self._probe_due(running)
+                self._dispatch(ids, lengths, pending, running)
+                if pending and not running:
+                    raise DeviceError(f"no device replica is live ({self._states()}); "
+                                      "see nlpstream_inference_replica_up and nlpstream_inference_device_failures_total")
+                metrics.QUEUE_DEPTH.set(len(pending) + len(running))
+                done, _ = wait(list(running), timeout=_WAIT_STEP_S, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    replica, work = running.pop(fut)
+                    replica.in_flight -= 1
+                    self._settle(replica, work, fut, lengths, pending, results, failures)
+        finally:
+            self._drain(running)
+            metrics.QUEUE_DEPTH.set(0)
+        return results, failures
 
-    @staticmethod
-    def _split(batch: Batch, lengths: list[int]) -> list[Batch]:
-        if len(batch.indices) == 1:
-            raise InferenceError("a single text does not fit in device memory")
-        half = len(batch.indices) // 2
-        parts = (batch.indices[:half], batch.indices[half:])
-        return [Batch(p, max(lengths[i] for i in p)) for p in parts]
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
 
     def close(self) -> None:
         for replica in self.replicas:
             replica.executor.shutdown(wait=True)
+
+    # -- dispatch -------------------------------------------------------------
+    def _pick(self, avoid: str | None) -> Replica | None:
+        """The least-loaded live replica (not ``avoid`` when another is live); ties round-robin."""
+        live = [(i, r) for i, r in enumerate(self.replicas) if r.alive]
+        if not live:
+            return None
+        candidates = [(i, r) for i, r in live if r.name != avoid] or live
+        least = min(r.in_flight / r.concurrency for _, r in candidates)
+        tied = [(i, r) for i, r in candidates if r.in_flight / r.concurrency == least]
+        after = [(i, r) for i, r in tied if i > self._last_pick]
+        i, replica = (after or tied)[0]
+        self._last_pick = i
+        return replica
+
+    def _dispatch(self, ids: list[list[int]], lengths: list[int], pending: list[_Work],
+                  running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+        while pending:
+            replica = self._pick(pending[-1].avoid)
+            if replica is None or replica.in_flight >= replica.concurrency + 1:
+                return
+            work = pending.pop()
+            cap = replica.token_cap
+            if cap is not None and work.batch.padded_tokens > cap and len(work.batch.indices) > 1:
+                pending.extend(reversed(self._split(work, lengths)))
+                continue
+            input_ids, mask = self._pad(ids, work.batch)
+            metrics.BATCH_TEXTS.observe(len(work.batch.indices))
+            metrics.BATCH_TOKENS.observe(work.batch.padded_tokens)
+            metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
+            replica.in_flight += 1
+            try:
+                fut = replica.executor.submit(self._attempt, replica, input_ids, mask)
+            except BaseException:
+                replica.in_flight -= 1
+                raise
+            running[fut] = (replica, work)
+
+    def _probe_due(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+        """Send a probe to each down replica whose backoff has passed and that has nothing in flight."""
+        now = time.monotonic()
+        for replica in self.replicas:
+            if replica.alive or replica.in_flight or now < replica.retry_at:
+                continue
+            replica.in_flight += 1
+            try:
+                fut = replica.executor.submit(self._probe_outcome, replica)
+            except BaseException:
+                replica.in_flight -= 1
+                raise
+            running[fut] = (replica, None)
+
+    # -- on the replica's worker thread ------------------------------------------
+    def _attempt(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> _Outcome:
+        """Run one batch; never raises. After a failure, probe the device (same thread)."""
+        start = time.perf_counter()
+        kind, error = "ok", ""
+        probs = None
+        try:
+            probs = self._forward(replica, input_ids, mask)
+            if not bool(torch.isfinite(probs).all()):
+                raise NonFiniteOutput("the runner returned NaN or infinite probabilities")
+        except torch.cuda.OutOfMemoryError as exc:
+            kind, error = "oom", _describe(exc)
+        except NonFiniteOutput as exc:
+            kind, error = "nonfinite", _describe(exc)
+        except Exception as exc:  # noqa: BLE001 - any runner fault: the probe below tells device from batch
+            kind, error = "error", _describe(exc)
+        seconds = time.perf_counter() - start
+        if kind == "ok":
+            metrics.BATCH_SECONDS.labels(replica.name).observe(seconds)
+            return _Outcome("ok", probs, seconds)
+        input_ids = mask = probs = None  # the failed batch's tensors go now, not with a held traceback
+        if kind == "oom":
+            self._release(replica)
+            return _Outcome("oom", error=error)
+        return _Outcome(kind, error=error, healthy=self._healthy(replica))
+
+    def _probe_outcome(self, replica: Replica) -> _Outcome:
+        return _Outcome("probe", healthy=self._healthy(replica))
+
+    def _healthy(self, replica: Replica, tries: int = 2) -> bool:
+        """True when the known-good probe batch runs and gives finite probabilities (up to ``tries``)."""
+        for _ in range(tries):
+            try:
+                probs = self._forward(replica, *self._probe_batch)
+                if bool(torch.isfinite(probs).all()):
+                    return True
+            except torch.cuda.OutOfMemoryError:
+                self._release(replica)
+            except Exception as exc:  # noqa: BLE001 - a failed probe is the answer
+                log.debug("probe of %s failed: %s", replica.name, _describe(exc))
+        return False
+
+    @staticmethod
+    def _release(replica: Replica) -> None:
+        """Free the device's cached memory; called on the replica's own worker thread."""
+        release = getattr(replica.runner, "release", None)
+        if release is not None:
+            try:
+                release()
+            except Exception as exc:  # noqa: BLE001 - releasing is best effort
+                log.debug("releasing memory on %s failed: %s", replica.name, exc)
+
+    # -- results ----------------------------------------------------------------
+    def _settle(self, replica: Replica, work: _Work | None, fut: Future[_Outcome], lengths: list[int],
+                pending: list[_Work], results: list[list[float] | None], failures: dict[int, str]) -> None:
+        try:
+            out = fut.result()
+        except Exception as exc:  # noqa: BLE001 - the executor itself failed (shut down): treat as a gone device
+            out = _Outcome("error", error=_describe(exc), healthy=False)
+        if work is None:  # a probe of a replica that is down
+            self._probed(replica, out.healthy)
+            return
+        if out.kind == "ok":
+            assert out.probs is not None
+            metrics.TOKEN_BUDGET.set(self.budget.observe(work.batch.padded_tokens, out.seconds))
+            replica.busy_s += out.seconds
+            replica.padded_tokens += work.batch.padded_tokens
+            replica.real_tokens += sum(max(1, lengths[i]) for i in work.batch.indices)
+            for row, idx in zip(out.probs.tolist(), work.batch.indices):
+                results[idx] = row
+            return
+        metrics.DEVICE_FAILURES.labels(replica.name, out.kind).inc()
+        if out.kind == "oom":
+            cap = max(MIN_TOKEN_CAP, work.batch.padded_tokens // 2)
+            if replica.token_cap is None or cap < replica.token_cap:
+                replica.token_cap = cap
+                metrics.DEVICE_TOKEN_CAP.labels(replica.name).set(cap)
+                log.warning("out of memory on %s at %d padded tokens; its batches are now capped at %d tokens",
+                            replica.name, work.batch.padded_tokens, cap)
+            if len(work.batch.indices) > 1:  # too big, not bad: the halves keep the failure count
+                metrics.BATCH_RETRIES.labels("split").inc()
+                pending.extend(reversed(self._split(work, lengths)))
+            else:
+                self._failed_on_healthy(replica, work, out.error, lengths, pending, failures)
+            return
+        if not out.healthy:
+            self._take_down(replica, out.error)
+            metrics.BATCH_RETRIES.labels("device").inc()
+            pending.append(_Work(work.batch, work.attempts))  # the device's fault, not the batch's
+            return
+        self._failed_on_healthy(replica, work, out.error, lengths, pending, failures)
+
+    def _failed_on_healthy(self, replica: Replica, work: _Work, error: str, lengths: list[int],
+                           pending: list[_Work], failures: dict[int, str]) -> None:
+        attempts = work.attempts + 1
+        single = len(work.batch.indices) == 1
+        if single and attempts >= 2:
+            idx = work.batch.indices[0]
+            failures[idx] = error
+            metrics.ITEM_FAILURES.inc()
+            log.info("one input fails alone on healthy devices and is reported: %s", error)
+        elif attempts == 1:
+            metrics.BATCH_RETRIES.labels("retry").inc()
+            pending.append(_Work(work.batch, attempts, avoid=replica.name))
+        else:
+            metrics.BATCH_RETRIES.labels("split").inc()
+            pending.extend(reversed(self._split(_Work(work.batch, attempts, replica.name), lengths)))
+
+    @staticmethod
+    def _split(work: _Work, lengths: list[int]) -> list[_Work]:
+        """Halves of a batch; a half of several items keeps the failure count, a single item starts afresh."""
+        half = len(work.batch.indices) // 2
+        parts = (work.batch.indices[:half], work.batch.indices[half:])
+        return [_Work(Batch(p, max(lengths[i] for i in p)), work.attempts if len(p) > 1 else 0, work.avoid)
+                for p in parts]
+
+    # -- health -------------------------------------------------------------------
+    def _take_down(self, replica: Replica, error: str) -> None:
+        if not replica.alive:
+            return
+        replica.alive = False
+        replica.backoff_s = self.probe_backoff_s
+        replica.retry_at = time.monotonic() + replica.backoff_s
+        metrics.REPLICA_UP.labels(replica.name).set(0)
+        log.warning("device replica %s is down (a batch failed and a known-good probe failed too: %s); "
+                    "probing it again in %.0fs", replica.name, error, replica.backoff_s)
+
+    def _probed(self, replica: Replica, healthy: bool) -> None:
+        if healthy:
+            replica.alive = True
+            replica.backoff_s = 0.0
+            metrics.REPLICA_UP.labels(replica.name).set(1)
+            log.warning("device replica %s answers again and is back in service", replica.name)
+            return
+        replica.backoff_s = min(MAX_BACKOFF_S, max(self.probe_backoff_s, replica.backoff_s * 2))
+        replica.retry_at = time.monotonic() + replica.backoff_s
+        log.debug("device replica %s still down; next probe in %.0fs", replica.name, replica.backoff_s)
+
+    def _states(self) -> str:
+        return ", ".join(f"{r.name} {'up' if r.alive else 'down'}" for r in self.replicas)
+
+    def _drain(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+        """Collect whatever is still in flight (after an exception) so every counter returns to zero."""
+        if not running:
+            return
+        done, not_done = wait(list(running), timeout=_DRAIN_S)
+        for fut in list(running):
+            replica, work = running.pop(fut)
+            replica.in_flight -= 1
+            if work is None and fut in done:
+                try:
+                    self._probed(replica, fut.result().healthy)
+                except Exception:  # noqa: BLE001 - a probe that cannot be read changes nothing
+                    pass
+        if not_done:
+            log.error("%d batches still running after %.0fs were abandoned", len(not_done), _DRAIN_S)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

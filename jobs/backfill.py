@@ -10,6 +10,7 @@ earlier output.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from inference import Engine
 from jobs.config import BackfillConfig
 from sinks import OutputRow, ParquetSink
 
+log = logging.getLogger(__name__)
+
 
 class BackfillError(Exception):
     """An input cannot be read or lacks the text column."""
@@ -35,6 +38,7 @@ class BackfillError(Exception):
 class BackfillSummary:
     rows: int = 0
     skipped: int = 0
+    failed: list[str] = field(default_factory=list)  # "file:row: reason" of texts the model failed on alone
     files: list[str] = field(default_factory=list)
     labels: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -82,6 +86,13 @@ def _safe_name(stem: str) -> str:
     return cleaned or "backfill"
 
 
+def _classify_each(engine: Any, texts: list[str]) -> list[Any]:
+    """Predictions, with an exception in place of each text the model fails on alone (engines
+    without ``classify_each`` are asked for every text at once)."""
+    each = getattr(engine, "classify_each", None)
+    return list(each(texts)) if each is not None else list(engine.classify(texts))
+
+
 def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, progress: Any = None,
                  batch_size: int = 2048) -> BackfillSummary:
     """Label every row of ``inputs``; rows with empty or non-string text are counted as skipped."""
@@ -97,12 +108,17 @@ def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, pro
             now_ms = int(time.time() * 1000)
             usable = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
             summary.skipped += len(texts) - len(usable)
-            preds = engine.classify([texts[i] for i in usable])
+            results = _classify_each(engine, [texts[i] for i in usable])
+            for i, p in zip(usable, results):
+                if isinstance(p, Exception):
+                    summary.failed.append(f"{path.name}:{start + i}: {p}")
+                    log.warning("%s row %d: the model fails on this text alone: %s", path.name, start + i, p)
+            labeled = [(i, p) for i, p in zip(usable, results) if not isinstance(p, Exception)]
             rows = [
                 OutputRow(config.topic_name or _safe_name(path.stem), file_index if config.topic_name else 0, start + i,
                           str(ids[i]) if ids[i] is not None else f"{path.name}-{start + i}",
                           texts[i], p.label, p.score, _to_ms(times[i], now_ms), now_ms, engine.model_name)
-                for i, p in zip(usable, preds)
+                for i, p in labeled
             ]
             sink.write(rows)
             summary.rows += len(rows)

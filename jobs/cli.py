@@ -84,7 +84,8 @@ def stream(
         _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
     from consumers.errors import ConsumerError
     from jobs.metrics import MetricsPortError
-    from jobs.stream import StreamJob
+    from inference import DeviceError
+    from jobs.stream import DEVICE_EXIT_CODE, StreamJob
 
     job = StreamJob(cfg, hard_backstop=True)
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
@@ -94,6 +95,9 @@ def stream(
     except (ConsumerError, MetricsPortError) as exc:  # brokers unreachable (address, TLS, SASL), port taken
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except DeviceError as exc:  # no inference device live: restart me (nothing dead-lettered for it)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(DEVICE_EXIT_CODE) from None
     logging.getLogger("nlpstream").info(
         "stopped: consumed=%d labeled=%d dead_lettered=%d skipped=%d alerts=%d files=%d",
         summary.consumed, summary.labeled, summary.dead_lettered, summary.skipped, summary.alerts, len(summary.files),
@@ -137,6 +141,9 @@ def backfill(
                 summary = run_backfill(cfg, list(input), engine, progress)
             except BackfillError as exc:
                 _fail(str(exc))
+    if summary.failed:
+        console.print(f"[yellow]{len(summary.failed)} texts the model fails on alone were not labeled:[/yellow] "
+                      + "; ".join(summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else ""))
     console.print(f"labeled {summary.rows} rows ({summary.skipped} skipped: empty or non-string text) "
                   f"in {summary.seconds:.1f}s into {len(summary.files)} files under {cfg.output.output}; "
                   f"labels: {dict(summary.labels)}")
@@ -157,8 +164,11 @@ def classify(
     lines = [line.rstrip("\n") for line in source]
     texts = [t for t in lines if t.strip()]
     with load_engine(model or "builtin:sentiment", devices or "auto", precision or "auto") as engine:
-        preds = engine.classify(texts)
+        preds = engine.classify_each(texts)
     for text, pred in zip(texts, preds):
+        if isinstance(pred, Exception):  # the model fails on this text alone: say so on its line
+            typer.echo(json.dumps({"text": text, "error": str(pred)}, ensure_ascii=False))
+            continue
         out = {"text": text, "label": pred.label, "score": round(pred.score, 6)}
         if probs:
             out["probs"] = {k: round(v, 6) for k, v in pred.probs.items()}
@@ -220,19 +230,23 @@ def kafka_status(data_dir: Annotated[Path, typer.Option(help="Data folder given 
 
 @app.command()
 def bench(
-    texts: Annotated[int, typer.Option(help="Corpus size (distinct texts).")] = 2000,
+    texts: Annotated[Optional[int], typer.Option(help="Corpus size (distinct texts); default 2000 on CPU, 100000 on GPU.")] = None,
     model: ModelOpt = None,
-    devices: Annotated[str, typer.Option(help="cpu, or cuda for the GPU variant.")] = "cpu",
+    devices: Annotated[str, typer.Option(help="cpu, or cuda / cuda:0,cuda:1 for the GPU bench.")] = "cpu",
+    precision: PrecisionOpt = None,
+    warmup: Annotated[int, typer.Option(help="GPU bench: untimed warm-up texts before the measured corpus.")] = 10_000,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="GPU bench: dense peak TFLOP/s when the device name is not in the table.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
     baselines: Annotated[bool, typer.Option(help="Run transformers.pipeline, ONNX Runtime and OpenVINO too.")] = True,
     memory_loop: Annotated[int, typer.Option(help="Also classify this many fresh texts and report resident memory.")] = 0,
 ) -> None:
-    """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16, side by side."""
+    """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), or measure GPUs."""
     logging.basicConfig(level=logging.WARNING)
     from inference.bench import run_bench, run_memory_loop
 
     result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
-                       include_pipeline=baselines, echo=typer.echo)
+                       include_pipeline=baselines, echo=typer.echo, warmup=warmup, precision=precision or "auto",
+                       peak_tflops=peak_tflops)
     if memory_loop:
         result["memory_loop"] = run_memory_loop(memory_loop, echo=typer.echo)
     if json_out is not None:

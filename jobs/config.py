@@ -96,13 +96,15 @@ class ModelConfig(_Section):
     long_text: Literal["truncate", "chunk"] = Field("truncate", description="Long texts: keep the first tokens, or average overlapping windows.")
     cache_entries: int = Field(100_000, ge=0, description="Dedup cache entries (0 disables).")
     target_latency_ms: float | None = Field(None, gt=0, description="Adapt the token budget to keep batches under this latency.")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="Start-up check: least share of a fixed sample whose label "
+                                 "on each replica that does not run fp32 equals fp32's (0 turns it off).")
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`inference.load_engine`."""
         return {"model": self.model, "devices": self.devices, "precision": self.precision,
                 "max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
                 "long_text": self.long_text, "cache_entries": self.cache_entries,
-                "target_latency_ms": self.target_latency_ms}
+                "target_latency_ms": self.target_latency_ms, "min_agreement": self.min_agreement}
 
 
 class OutputConfig(_Section):

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MAX_BACKOFF_S = 30.0
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: restart me
+DEVICE_EXIT_CODE = 69  # EX_UNAVAILABLE: no inference device is live; nothing was dead-lettered for it
 
 
 @dataclass
@@ -192,6 +193,13 @@ class StreamJob:
                 if cfg.idle_timeout is not None and self._idle_for(now, last_input) >= cfg.idle_timeout:
                     break
             self._final_flush()
+        except DeviceError as exc:
+            # No device is live: nothing of the batch in hand was written, dead-lettered or committed.
+            # What earlier batches handled is made durable and committed; the rest is redelivered.
+            log.error("no inference device is live (%s); stopping after making earlier batches durable, "
+                      "without dead-lettering or committing the batch in hand", exc)
+            self._final_flush()
+            raise
         finally:
             self._done.set()
             if self._hard_backstop:
@@ -323,19 +331,23 @@ class StreamJob:
         return True
 
     def _handle(self, records: list[InputRecord]) -> None:
+        """Decode, classify, buffer rows and alerts, send dead letters; then mark the records handled.
+
+        Classification runs before any dead letter of the batch is sent, so a
+        DeviceError (no device live) leaves nothing of this batch behind.
+        """
         good = []
+        undecodable: list[tuple[InputRecord, DecodeError]] = []
         for record in records:
             try:
                 good.append(decode_record(record, self._decode))
             except DecodeError as exc:
-                self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
+                undecodable.append((record, exc))
+        results = self._classify_batch([d.text for d in good]) if good else []
+        for record, exc in undecodable:
+            self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
         if good:
             assert self._engine is not None
-            texts = [d.text for d in good]
-            metrics.BATCH_TEXTS.observe(len(texts))
-            start = time.perf_counter()
-            results = self._classify_isolating(texts)
-            metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
             processed_at = int(time.time() * 1000)
             rows: list[OutputRow] = []
             labeled: list[LabeledMessage] = []
@@ -363,11 +375,36 @@ class StreamJob:
             tp = (record.topic, record.partition)
             self._pending[tp] = max(self._pending.get(tp, 0), record.offset + 1)
 
-    def _classify_isolating(self, texts: list[str]) -> list[Prediction | BaseException]:
-        """Classify; when the batch fails, bisect so only the failing texts are dead-lettered.
+    def _classify_batch(self, texts: list[str]) -> list[Prediction | BaseException]:
+        metrics.BATCH_TEXTS.observe(len(texts))
+        start = time.perf_counter()
+        results = self._classify_isolating(texts)
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+        return results
 
-        DeviceError (every device gone) is fatal and propagates.
+    def _classify_isolating(self, texts: list[str]) -> list[Prediction | BaseException]:
+        """Classify; only texts that fail alone get an exception in their place (they are dead-lettered).
+
+        With the project's engine (``classify_each``) the engine itself tells a
+        transient fault (retried), a bad text (failed alone on a healthy
+        device) and a gone device apart. A stand-in engine that only offers
+        ``classify`` is bisected here. DeviceError (no device live) is never a
+        property of the texts: it propagates and the job stops.
         """
+        assert self._engine is not None
+        each = getattr(self._engine, "classify_each", None)
+        if each is not None:
+            try:
+                results = list(each(texts))
+                metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
+                return results
+            except DeviceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - unexpected: fall back to bisection below
+                log.warning("classify_each failed on %d texts, isolating by bisection: %s", len(texts), exc)
+        return self._bisect(texts)
+
+    def _bisect(self, texts: list[str]) -> list[Prediction | BaseException]:
         assert self._engine is not None
         try:
             results = list(self._engine.classify(texts))
@@ -379,7 +416,7 @@ class StreamJob:
             if len(texts) == 1:
                 return [exc]
             half = len(texts) // 2
-            return self._classify_isolating(texts[:half]) + self._classify_isolating(texts[half:])
+            return self._bisect(texts[:half]) + self._bisect(texts[half:])
 
     def _dead_letter(self, record: InputRecord, error_class: str, message: str, reason: str) -> None:
         self._dlq.send(record, error_class, message)

@@ -35,3 +35,29 @@ def test_flops_per_token_of_bert_base():
 
     cfg = BertConfig()  # 12 x 768, ~85M dense parameters
     assert 1.6e8 < _flops_per_token(cfg, 0) < 1.8e8
+
+
+def test_device_bench_measures_steady_state_on_cpu_replicas():
+    """The GPU bench's code path, on two CPU replicas: warm-up apart, device and end-to-end time, scaling."""
+    from inference.gpu_bench import run_device_bench
+
+    result = run_device_bench("builtin:sentiment", ["cpu", "cpu"], n_texts=300, warmup=40, precision="fp32",
+                              agreement_texts=100, peak_tflops=1.0, echo=print)
+    assert [r["devices"] for r in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert 0 < run["device_s"] <= run["end_to_end_s"] * run["devices"]
+        assert 0 < run["padding_share"] < 0.9
+        assert run["texts_per_s_per_device"] * run["devices"] == pytest.approx(run["texts_per_s"], rel=0.01)
+        assert 0 < run["share_of_peak_end_to_end"] < 1
+    assert set(result["scaling_efficiency"]) == {1, 2} and result["scaling_efficiency"][1] == 1.0
+    assert result["agreement_vs_fp32"] == 1.0  # fp32 against fp32
+
+
+def test_peak_lookup_is_exact_and_scaling_efficiency():
+    from inference.gpu_bench import lookup_peak, scaling_efficiency
+
+    assert lookup_peak("NVIDIA L4") == 121.0 and lookup_peak("NVIDIA L40") == 181.0
+    assert lookup_peak("NVIDIA H100 PCIe") == 756.0 and lookup_peak("NVIDIA H100 80GB HBM3") == 989.0
+    assert lookup_peak("NVIDIA H100 PCIe 2") is None and lookup_peak("Some GPU") is None
+    assert scaling_efficiency({1: 100.0, 2: 180.0, 4: 300.0}) == {1: 1.0, 2: 0.9, 4: 0.75}
+    assert scaling_efficiency({}) == {}

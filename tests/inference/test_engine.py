@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from inference import InferenceError, ModelLoadError, UnsafeModelError, load_engine
+from inference import DeviceError, InferenceError, ModelLoadError, UnsafeModelError, load_engine
 from inference.builtin import BUILTIN_DIR, load_builtin
 from inference.engine import Engine
 from inference.model import load_model
@@ -93,14 +93,15 @@ def test_failing_replica_is_taken_out_and_batch_reruns():
         assert [r.alive for r in eng._replicas] == [True, False]
 
 
-def test_all_replicas_failing_raises():
+def test_all_replicas_failing_raises_device_error():
     with load_engine(devices="cpu", precision="fp32", cache_entries=0) as eng:
         def broken(replica, ids, mask):
             raise RuntimeError("boom")
 
         eng._forward = broken
-        with pytest.raises(InferenceError, match="every device"):
+        with pytest.raises(DeviceError, match="no device replica is live"):
             eng.classify(["hello"])
+        assert [r.in_flight for r in eng._replicas] == [0]
 
 
 def test_out_of_memory_splits_the_batch(engine):

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.errors import AgreementError, DeviceError, InferenceError, ModelLoadError, TextError, UnsafeModelError
+from inference.errors import (
+    AgreementError,
+    DeviceError,
+    InferenceError,
+    ModelLoadError,
+    NoLiveDeviceError,
+    TextError,
+    UnsafeModelError,
+)
 from inference.types import Prediction
 
 __all__ = [
@@ -18,6 +26,7 @@ __all__ = [
     "Engine",
     "InferenceError",
     "ModelLoadError",
+    "NoLiveDeviceError",
     "Prediction",
     "TextError",
     "UnsafeModelError",
@@ -45,7 +54,7 @@ def load_engine(
     ``long_text``: ``truncate`` or ``chunk``. ``options``: ``cache_entries``,
     ``cache_bytes``, ``target_latency_ms``, ``max_batch_delay_ms``,
     ``chunk_overlap``, ``min_agreement``, ``agreement_sample``,
-    ``probe_backoff_s`` (see :class:`Engine`).
+    ``probe_backoff_s``, ``attempt_timeout_s`` (see :class:`Engine`).
     Raises ModelLoadError / UnsafeModelError / DeviceError / InferenceError.
     """
     from inference.devices import parse_devices

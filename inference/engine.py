@@ -125,13 +125,15 @@ class Engine:
         min_agreement: float = 0.9,
         agreement_sample: int = 64,
         probe_backoff_s: float = 1.0,
+        attempt_timeout_s: float = 300.0,
         runner_factory: RunnerFactory | None = None,
         capability: Capability | None = None,
     ) -> None:
         """``min_agreement``: the least share of the fixed start-up sample whose label on a replica
         that does not run fp32 must equal the fp32 label (0 turns the check off);
         ``agreement_sample``: that sample's size; ``probe_backoff_s``: first wait before a
-        replica that is down is probed again. ``runner_factory(mode, device)`` and
+        replica that is down is probed again; ``attempt_timeout_s``: a device call that has not
+        returned by then takes its replica out (a hung device). ``runner_factory(mode, device)`` and
         ``capability(device)`` replace how runners are built and GPUs are queried (tests,
         custom runtimes)."""
         if long_text not in LONG_TEXT:
@@ -163,7 +165,7 @@ class Engine:
         self._scheduler = Scheduler(self._replicas, self.budget, self.max_batch_size, self._pad,
                                     lambda r, i, m: self._forward(r, i, m),
                                     probe=self._pad(probe_ids, Batch((0,), len(probe_ids[0]))),
-                                    probe_backoff_s=probe_backoff_s)
+                                    probe_backoff_s=probe_backoff_s, attempt_timeout_s=attempt_timeout_s)
         self.devices = tuple(r.name for r in self._replicas)
         self.modes = {r.name: r.runner.name for r in self._replicas}
         self.agreement: dict[str, float] = {}
@@ -393,7 +395,7 @@ class Engine:
             w = float(len(ids_))
             weights[owner] += w
             sums[owner] = [s + w * p for s, p in zip(sums[owner], row)]
-        return [None if i in bad else [s / weights[i] for s in sums[i]] for i in range(len(texts))], bad
+        return [None if i in bad else [s / (weights[i] or 1.0) for s in sums[i]] for i in range(len(texts))], bad
 
     def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pad_id = self.bundle.tokenizer.pad_token_id or 0

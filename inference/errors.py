@@ -23,6 +23,12 @@ class DeviceError(InferenceError):
     """
 
 
+class NoLiveDeviceError(DeviceError):
+    """Every device replica failed while running (none answers its probe). Restarting may help."""
+
+    recoverable = True
+
+
 class AgreementError(DeviceError):
     """At start-up a replica's labels on the fixed sample agree with fp32 less than ``min_agreement``."""
 

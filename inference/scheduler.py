@@ -17,11 +17,19 @@ never raises out of it):
   to 60 s) while other replicas work; it comes back when a probe answers.
 - Probe passes: the device is fine and the batch is retried, on another
   replica where one is live (a transient fault changes nothing). A batch
-  that fails again is split in halves; a single text that fails twice on
-  healthy replicas is reported as a failure of that text alone.
-- CUDA out of memory: the batch is split, that replica's token cap halves
-  (and stays so), and its cache is released on its own worker thread.
-- No live replica left: :class:`DeviceError`.
+  that fails again is split in halves; a single text is reported as a
+  failure of that text alone when it failed alone three times, each time on
+  a replica whose probe then passed (another replica first, where there is
+  one), so two unlucky transient faults never cost a text its label.
+- CUDA out of memory: a batch of several texts is split and that replica's
+  token cap halves (and stays so); a single text is retried (three tries)
+  before it is reported as not fitting. The cache is released on the
+  replica's own worker thread.
+- An attempt that has not returned after ``attempt_timeout_s`` (a hung
+  device): the replica is taken out and the batch reruns elsewhere; the
+  replica counts the hung call as in flight until it returns, and is not
+  probed before that.
+- No live replica left: :class:`NoLiveDeviceError` (a DeviceError).
 
 Whatever raises inside :meth:`Scheduler.run`, every batch in flight is
 collected and every replica's ``in_flight`` returns to zero.
@@ -30,6 +38,7 @@ collected and every replica's ``in_flight`` returns to zero.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +49,7 @@ import torch
 
 from inference import metrics
 from inference.batching import Batch, TokenBudget, plan_batches
-from inference.errors import DeviceError
+from inference.errors import NoLiveDeviceError
 from inference.runtimes import Runner
 
 log = logging.getLogger(__name__)
@@ -101,7 +110,8 @@ class Scheduler:
     """
 
     def __init__(self, replicas: list[Replica], budget: TokenBudget, max_batch_size: int, pad: Pad,
-                 forward: Forward, probe: tuple[torch.Tensor, torch.Tensor], probe_backoff_s: float = 1.0) -> None:
+                 forward: Forward, probe: tuple[torch.Tensor, torch.Tensor], probe_backoff_s: float = 1.0,
+                 attempt_timeout_s: float = 300.0) -> None:
         self.replicas = replicas
         self.budget = budget
         self.max_batch_size = max_batch_size
@@ -109,7 +119,10 @@ class Scheduler:
         self._pad = pad
         self._forward = forward
         self._probe_batch = probe
+        self.attempt_timeout_s = attempt_timeout_s
         self._last_pick = -1
+        self._returned: queue.SimpleQueue[Replica] = queue.SimpleQueue()  # hung calls that came back at last
+        self._started: dict[Future[_Outcome], float] = {}
         for r in replicas:
             metrics.REPLICA_UP.labels(r.name).set(1)
 
@@ -128,17 +141,22 @@ class Scheduler:
         running: dict[Future[_Outcome], tuple[Replica, _Work | None]] = {}
         try:
             while pending or running:
+                self._collect_returned()
                 self._probe_due(running)
                 self._dispatch(ids, lengths, pending, running)
                 if pending and not running:
-                    raise DeviceError(f"no device replica is live ({self._states()}); "
-                                      "see nlpstream_inference_replica_up and nlpstream_inference_device_failures_total")
+                    raise NoLiveDeviceError(
+                        f"no device replica is live ({self._states()}); "
+                        "see nlpstream_inference_replica_up and nlpstream_inference_device_failures_total")
                 metrics.QUEUE_DEPTH.set(len(pending) + len(running))
-                done, _ = wait(list(running), timeout=_WAIT_STEP_S, return_when=FIRST_COMPLETED)
+                done, _ = wait(list(running), timeout=min(_WAIT_STEP_S, self.attempt_timeout_s),
+                               return_when=FIRST_COMPLETED)
                 for fut in done:
                     replica, work = running.pop(fut)
+                    self._started.pop(fut, None)
                     replica.in_flight -= 1
                     self._settle(replica, work, fut, lengths, pending, results, failures)
+                self._abandon_hung(running, pending)
         finally:
             self._drain(running)
             metrics.QUEUE_DEPTH.set(0)
@@ -148,8 +166,10 @@ class Scheduler:
         return [r for r in self.replicas if r.alive]
 
     def close(self) -> None:
+        """Stop the workers; waits for them unless a replica still has a hung call."""
+        self._collect_returned()
         for replica in self.replicas:
-            replica.executor.shutdown(wait=True)
+            replica.executor.shutdown(wait=replica.in_flight == 0, cancel_futures=True)
 
     # -- dispatch -------------------------------------------------------------
     def _pick(self, avoid: str | None) -> Replica | None:
@@ -187,6 +207,7 @@ class Scheduler:
                 replica.in_flight -= 1
                 raise
             running[fut] = (replica, work)
+            self._started[fut] = time.monotonic()
 
     def _probe_due(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
         """Send a probe to each down replica whose backoff has passed and that has nothing in flight."""
@@ -201,6 +222,7 @@ class Scheduler:
                 replica.in_flight -= 1
                 raise
             running[fut] = (replica, None)
+            self._started[fut] = time.monotonic()
 
     # -- on the replica's worker thread ------------------------------------------
     def _attempt(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> _Outcome:
@@ -210,6 +232,8 @@ class Scheduler:
         probs = None
         try:
             probs = self._forward(replica, input_ids, mask)
+            if probs.shape[0] != input_ids.shape[0]:
+                raise RuntimeError(f"the runner returned {probs.shape[0]} rows for a batch of {input_ids.shape[0]}")
             if not bool(torch.isfinite(probs).all()):
                 raise NonFiniteOutput("the runner returned NaN or infinite probabilities")
         except torch.cuda.OutOfMemoryError as exc:
@@ -275,20 +299,24 @@ class Scheduler:
             return
         metrics.DEVICE_FAILURES.labels(replica.name, out.kind).inc()
         if out.kind == "oom":
-            cap = max(MIN_TOKEN_CAP, work.batch.padded_tokens // 2)
-            if replica.token_cap is None or cap < replica.token_cap:
-                replica.token_cap = cap
-                metrics.DEVICE_TOKEN_CAP.labels(replica.name).set(cap)
-                log.warning("out of memory on %s at %d padded tokens; its batches are now capped at %d tokens",
-                            replica.name, work.batch.padded_tokens, cap)
-            if len(work.batch.indices) > 1:  # too big, not bad: the halves keep the failure count
+            if len(work.batch.indices) > 1:  # too big, not bad: cap this device, split, keep the failure count
+                cap = max(MIN_TOKEN_CAP, work.batch.padded_tokens // 2)
+                if replica.token_cap is None or cap < replica.token_cap:
+                    replica.token_cap = cap
+                    metrics.DEVICE_TOKEN_CAP.labels(replica.name).set(cap)
+                    log.warning("out of memory on %s at %d padded tokens; its batches are now capped at %d tokens",
+                                replica.name, work.batch.padded_tokens, cap)
                 metrics.BATCH_RETRIES.labels("split").inc()
                 pending.extend(reversed(self._split(work, lengths)))
+            elif work.attempts + 1 >= 3:  # one text, three tries, memory released before each
+                self._report(work, f"{out.error} (a single text of {work.batch.padded_length} tokens does not fit)",
+                             failures)
             else:
-                self._failed_on_healthy(replica, work, out.error, lengths, pending, failures)
+                metrics.BATCH_RETRIES.labels("retry").inc()
+                pending.append(_Work(work.batch, work.attempts + 1, avoid=replica.name))
             return
         if not out.healthy:
-            self._take_down(replica, out.error)
+            self._take_down(replica, f"a batch failed and a known-good probe failed too: {out.error}")
             metrics.BATCH_RETRIES.labels("device").inc()
             pending.append(_Work(work.batch, work.attempts))  # the device's fault, not the batch's
             return
@@ -298,12 +326,9 @@ class Scheduler:
                            pending: list[_Work], failures: dict[int, str]) -> None:
         attempts = work.attempts + 1
         single = len(work.batch.indices) == 1
-        if single and attempts >= 2:
-            idx = work.batch.indices[0]
-            failures[idx] = error
-            metrics.ITEM_FAILURES.inc()
-            log.info("one input fails alone on healthy devices and is reported: %s", error)
-        elif attempts == 1:
+        if single and attempts >= 3:
+            self._report(work, error, failures)
+        elif single or attempts == 1:
             metrics.BATCH_RETRIES.labels("retry").inc()
             pending.append(_Work(work.batch, attempts, avoid=replica.name))
         else:
@@ -311,11 +336,17 @@ class Scheduler:
             pending.extend(reversed(self._split(_Work(work.batch, attempts, replica.name), lengths)))
 
     @staticmethod
+    def _report(work: _Work, error: str, failures: dict[int, str]) -> None:
+        failures[work.batch.indices[0]] = error
+        metrics.ITEM_FAILURES.inc()
+        log.info("one input fails alone on healthy devices and is reported: %s", error)
+
+    @staticmethod
     def _split(work: _Work, lengths: list[int]) -> list[_Work]:
         """Halves of a batch; a half of several items keeps the failure count, a single item starts afresh."""
         half = len(work.batch.indices) // 2
         parts = (work.batch.indices[:half], work.batch.indices[half:])
-        return [_Work(Batch(p, max(lengths[i] for i in p)), work.attempts if len(p) > 1 else 0, work.avoid)
+        return [_Work(Batch(p, max(max(1, lengths[i]) for i in p)), work.attempts if len(p) > 1 else 0, work.avoid)
                 for p in parts]
 
     # -- health -------------------------------------------------------------------
@@ -326,8 +357,7 @@ class Scheduler:
         replica.backoff_s = self.probe_backoff_s
         replica.retry_at = time.monotonic() + replica.backoff_s
         metrics.REPLICA_UP.labels(replica.name).set(0)
-        log.warning("device replica %s is down (a batch failed and a known-good probe failed too: %s); "
-                    "probing it again in %.0fs", replica.name, error, replica.backoff_s)
+        log.warning("device replica %s is down (%s); probing it again in %.3gs", replica.name, error, replica.backoff_s)
 
     def _probed(self, replica: Replica, healthy: bool) -> None:
         if healthy:
@@ -338,26 +368,59 @@ class Scheduler:
             return
         replica.backoff_s = min(MAX_BACKOFF_S, max(self.probe_backoff_s, replica.backoff_s * 2))
         replica.retry_at = time.monotonic() + replica.backoff_s
-        log.debug("device replica %s still down; next probe in %.0fs", replica.name, replica.backoff_s)
+        log.debug("device replica %s still down; next probe in %.3gs", replica.name, replica.backoff_s)
 
     def _states(self) -> str:
         return ", ".join(f"{r.name} {'up' if r.alive else 'down'}" for r in self.replicas)
 
+    def _abandon_hung(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]],
+                      pending: list[_Work]) -> None:
+        """Take out replicas whose call has run past ``attempt_timeout_s``; their batches rerun elsewhere."""
+        now = time.monotonic()
+        for fut in [f for f in running if now - self._started.get(f, now) > self.attempt_timeout_s]:
+            replica, work = running.pop(fut)
+            self._orphan(fut, replica)
+            metrics.DEVICE_FAILURES.labels(replica.name, "timeout").inc()
+            self._take_down(replica, f"a call did not return within {self.attempt_timeout_s:.3g}s")
+            if work is not None:
+                metrics.BATCH_RETRIES.labels("device").inc()
+                pending.append(_Work(work.batch, work.attempts))
+
+    def _orphan(self, fut: Future[_Outcome], replica: Replica) -> None:
+        """Stop waiting for ``fut``; its replica counts it in flight until it returns (then collected)."""
+        self._started.pop(fut, None)
+        fut.add_done_callback(lambda _f, r=replica: self._returned.put(r))
+
+    def _collect_returned(self) -> None:
+        while True:
+            try:
+                replica = self._returned.get_nowait()
+            except queue.Empty:
+                return
+            replica.in_flight -= 1
+
     def _drain(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
-        """Collect whatever is still in flight (after an exception) so every counter returns to zero."""
+        """Collect whatever is still in flight (after an exception) so every counter returns to zero.
+
+        A call still running after ``_DRAIN_S`` is orphaned: its replica counts
+        it until it returns.
+        """
         if not running:
             return
-        done, not_done = wait(list(running), timeout=_DRAIN_S)
+        done, _ = wait(list(running), timeout=_DRAIN_S)
         for fut in list(running):
             replica, work = running.pop(fut)
+            if fut not in done:
+                log.error("a call on %s still running after %.0fs is left to finish on its own", replica.name, _DRAIN_S)
+                self._orphan(fut, replica)
+                continue
+            self._started.pop(fut, None)
             replica.in_flight -= 1
-            if work is None and fut in done:
+            if work is None:
                 try:
                     self._probed(replica, fut.result().healthy)
                 except Exception:  # noqa: BLE001 - a probe that cannot be read changes nothing
                     pass
-        if not_done:
-            log.error("%d batches still running after %.0fs were abandoned", len(not_done), _DRAIN_S)
 
 
 def _describe(exc: BaseException) -> str:

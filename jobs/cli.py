@@ -84,7 +84,7 @@ def stream(
         _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
     from consumers.errors import ConsumerError
     from jobs.metrics import MetricsPortError
-    from inference import DeviceError
+    from inference import InferenceError, NoLiveDeviceError
     from jobs.stream import DEVICE_EXIT_CODE, StreamJob
 
     job = StreamJob(cfg, hard_backstop=True)
@@ -95,9 +95,12 @@ def stream(
     except (ConsumerError, MetricsPortError) as exc:  # brokers unreachable (address, TLS, SASL), port taken
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except DeviceError as exc:  # no inference device live: restart me (nothing dead-lettered for it)
+    except NoLiveDeviceError as exc:  # devices stopped answering while running: restart me
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(DEVICE_EXIT_CODE) from None
+    except InferenceError as exc:  # at start-up: model, device spec, precision or fp32 agreement; a restart won't help
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     logging.getLogger("nlpstream").info(
         "stopped: consumed=%d labeled=%d dead_lettered=%d skipped=%d alerts=%d files=%d",
         summary.consumed, summary.labeled, summary.dead_lettered, summary.skipped, summary.alerts, len(summary.files),

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MAX_BACKOFF_S = 30.0
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: restart me
-DEVICE_EXIT_CODE = 69  # EX_UNAVAILABLE: no inference device is live; nothing was dead-lettered for it
+DEVICE_EXIT_CODE = 69  # EX_UNAVAILABLE: no inference device answers any more; nothing was dead-lettered for it
 
 
 @dataclass
@@ -386,22 +386,18 @@ class StreamJob:
         """Classify; only texts that fail alone get an exception in their place (they are dead-lettered).
 
         With the project's engine (``classify_each``) the engine itself tells a
-        transient fault (retried), a bad text (failed alone on a healthy
-        device) and a gone device apart. A stand-in engine that only offers
-        ``classify`` is bisected here. DeviceError (no device live) is never a
-        property of the texts: it propagates and the job stops.
+        transient fault (retried), a bad text (failed alone on healthy devices:
+        a TextError in its place) and a gone device apart; anything it raises
+        (DeviceError, or a bug) is no property of the texts and propagates: the
+        job stops without committing the batch in hand. A stand-in engine that
+        only offers ``classify`` is bisected here, DeviceError still propagating.
         """
         assert self._engine is not None
         each = getattr(self._engine, "classify_each", None)
         if each is not None:
-            try:
-                results = list(each(texts))
-                metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
-                return results
-            except DeviceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - unexpected: fall back to bisection below
-                log.warning("classify_each failed on %d texts, isolating by bisection: %s", len(texts), exc)
+            results = list(each(texts))
+            metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
+            return results
         return self._bisect(texts)
 
     def _bisect(self, texts: list[str]) -> list[Prediction | BaseException]:

@@ -63,6 +63,8 @@ class FakeRunner:
         self.poison = True  # a batch holding POISON raises
         self.oom_above: int | None = None  # padded tokens above which CUDA runs out of memory
         self.flip = False  # wrong labels
+        self.hang_next = 0  # the next N calls block until ``unhang`` is set
+        self.unhang = threading.Event()
         self.calls = 0
         self.ooms = 0
         self.released_on: list[str] = []
@@ -83,6 +85,11 @@ class FakeRunner:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             nan_now = self.nan_next > 0
             self.nan_next = max(0, self.nan_next - 1)
+            hang_now = self.hang_next > 0
+            self.hang_next = max(0, self.hang_next - 1)
+        if hang_now:
+            self.unhang.wait(30)
+            raise RuntimeError("the device call returned only after a hang (simulated)")
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.poison and bool((input_ids == POISON).any()):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from inference import AgreementError, DeviceError, InferenceError, TextError, metrics
 from inference.engine import precision_mode
@@ -191,4 +190,68 @@ def test_each_gpu_replica_is_checked_against_fp32_at_start_up():
     with pytest.raises(AgreementError, match=r"cuda:1#1 .*agrees with fp32 on 0.0% of 50"):
         fake_engine(["cuda:0", "cuda:1"], agreement_sample=50, runners={"cuda:1": wrong})
     eng, _ = fake_engine(["cuda:1"], agreement_sample=50, runners={"cuda:1": wrong}, min_agreement=0)
+    with eng:  # the check can be turned off
+        assert eng.agreement == {} and eng.classify(["x y"])[0].label != expected(["x y"])[0]
+
+
+def test_two_unlucky_transient_faults_never_cost_a_single_text_its_label():
+    eng, runners = fake_engine(["cuda:0", "cuda:1"])
+    with eng:
+        runners["cuda:0"].fail_next = runners["cuda:1"].fail_next = 1
+        results = eng.classify_each(["a perfectly good text"])
+        assert results[0].label == expected(["a perfectly good text"])[0]
+        runners["cuda:0"].fail_next = 2
+        runners["cuda:1"].fail_next = 0
+        eng2, r2 = fake_engine(["cpu"], precision="fp32")
+        with eng2:
+            r2["cpu"].fail_next = 2
+            assert eng2.classify_each(["another good text"])[0].label == expected(["another good text"])[0]
+
+
+def test_a_single_text_out_of_memory_is_retried_not_blamed():
+    eng, runners = fake_engine(["cuda:0", "cuda:1"])
+    with eng:
+        runners["cuda:0"].oom_above = 1  # this device cannot hold even one text
+        results = eng.classify_each(["short text here"])
+        assert results[0].label == expected(["short text here"])[0]
+        assert eng._replicas[0].token_cap is None, "a one-text batch says nothing about a batch budget"
+        runners["cuda:1"].oom_above = 1  # now neither can: after three tries it is reported as not fitting
+        results = eng.classify_each(["short text there"])
+        assert isinstance(results[0], TextError) and "does not fit" in str(results[0])
+        assert in_flight(eng) == [0, 0]
+
+
+def test_a_hung_device_call_takes_its_replica_out_and_the_batch_reruns_elsewhere():
+    eng, runners = fake_engine(["cuda:0", "cuda:1"], attempt_timeout_s=0.3, max_batch_size=8)
+    with eng:
+        runners["cuda:0"].hang_next = 1
+        assert [p.label for p in eng.classify(TEXTS)] == expected(TEXTS)
+        assert [r.alive for r in eng._replicas] == [False, True]
+        assert counter(metrics.DEVICE_FAILURES, "cuda:0#0", "timeout") >= 1
+        assert in_flight(eng)[0] >= 1 and in_flight(eng)[1] == 0, "the hung calls still count until they return"
+        runners["cuda:0"].unhang.set()
+        time.sleep(0.2)
+        eng.classify(["one more text"])
+        assert in_flight(eng) == [0, 0], "collected once it returned"
+    eng, runners = fake_engine(["cuda:0"], attempt_timeout_s=0.3)
+    runners["cuda:0"].hang_next = 1
+    with pytest.raises(DeviceError, match="no device replica is live"):
+        eng.classify(["nobody answers"])
+    runners["cuda:0"].unhang.set()
     eng.close()
+
+
+def test_failures_map_back_through_duplicates_and_chunk_windows():
+    eng, _ = fake_engine(["cpu"], precision="fp32", max_batch_size=4)
+    with eng:
+        texts = ["good one", "POISON here", "good two", "POISON here", "good one"]
+        results = eng.classify_each(texts)
+        assert [isinstance(r, TextError) for r in results] == [False, True, False, True, False]
+        assert [r.index for r in results if isinstance(r, TextError)] == [1, 3]
+    eng, _ = fake_engine(["cpu"], precision="fp32", long_text="chunk", chunk_overlap=2)
+    with eng:
+        long_good = " ".join(f"w{i}" for i in range(150))
+        long_bad = long_good + " POISON " + long_good
+        results = eng.classify_each([long_good, long_bad, "short"])
+        assert len(eng._windows(long_bad)) > 2
+        assert [isinstance(r, TextError) for r in results] == [False, True, False]

@@ -128,8 +128,19 @@ def test_a_gone_device_stops_the_job_without_dead_letters_and_a_restart_finishes
     assert exactness(tmp_path, parts, n) == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
 
 
-def test_cli_exits_69_when_no_device_is_live():
+def test_cli_start_up_device_errors_exit_2_and_lost_devices_exit_69(monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stream", "--topic", "t", "--bootstrap-servers",
                            "127.0.0.1:9", "--devices", "cuda:7"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == DEVICE_EXIT_CODE, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]  # a wrong device spec: a restart would not help
     assert "cuda:7" in proc.stderr
+    from typer.testing import CliRunner
+
+    from inference import NoLiveDeviceError
+    from jobs import cli
+
+    def lost(self):
+        raise NoLiveDeviceError("no device replica is live (cuda:0#0 down)")
+
+    monkeypatch.setattr(StreamJob, "run", lost)
+    result = CliRunner().invoke(cli.app, ["stream", "--topic", "t", "--bootstrap-servers", "127.0.0.1:9"])
+    assert result.exit_code == DEVICE_EXIT_CODE and "no device replica is live" in result.output

@@ -5,9 +5,9 @@ This package knows nothing of models or sinks; it hands plain frozen
 dataclasses to the job.
 """
 
-from consumers.decode import DecodeSettings, decode_record
-from consumers.errors import ConsumerError, DecodeError, KafkaLocalError
-from consumers.records import DecodedText, InputRecord
+from nlpstream.consumers.decode import DecodeSettings, decode_record
+from nlpstream.consumers.errors import ConsumerError, DecodeError, KafkaLocalError
+from nlpstream.consumers.records import DecodedText, InputRecord
 
 __all__ = [
     "ConsumerError",

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from consumers.errors import DecodeError
-from consumers.records import DecodedText, InputRecord
+from nlpstream.consumers.errors import DecodeError
+from nlpstream.consumers.records import DecodedText, InputRecord
 
 InputFormat = Literal["text", "json"]
 

@@ -12,9 +12,9 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from consumers.client_config import ConnectionSettings, connect_error
-from consumers.errors import ConsumerError
-from consumers.records import InputRecord
+from nlpstream.consumers.client_config import ConnectionSettings, connect_error
+from nlpstream.consumers.errors import ConsumerError
+from nlpstream.consumers.records import InputRecord
 
 HEADER_CLASS = "nlpstream.error.class"
 HEADER_MESSAGE = "nlpstream.error.message"

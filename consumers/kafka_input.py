@@ -18,9 +18,9 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from consumers.client_config import ConnectionSettings, connect_error
-from consumers.errors import ConsumerError, KafkaUnavailableError
-from consumers.records import InputRecord
+from nlpstream.consumers.client_config import ConnectionSettings, connect_error
+from nlpstream.consumers.errors import ConsumerError, KafkaUnavailableError
+from nlpstream.consumers.records import InputRecord
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from consumers.errors import KafkaLocalError
+from nlpstream.consumers.errors import KafkaLocalError
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
 _STATE_FILE = "nlpstream-broker.json"
@@ -104,7 +104,7 @@ def ensure_jars(version: str = DEFAULT_KAFKA_VERSION, timeout_s: float = 600.0) 
         raise KafkaLocalError("Maven ('mvn') is needed once to download the Kafka jars; install it or set KAFKA_BOOTSTRAP_SERVERS")
     work = libs.parent / "pom"
     work.mkdir(parents=True, exist_ok=True)
-    pom = resources.files("consumers").joinpath("kafka_pom.xml").read_text()
+    pom = resources.files("nlpstream.consumers").joinpath("kafka_pom.xml").read_text()
     (work / "pom.xml").write_text(pom.replace("@KAFKA_VERSION@", version))
     tmp = libs.parent / ".libs-partial"
     shutil.rmtree(tmp, ignore_errors=True)

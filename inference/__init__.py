@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from inference.errors import (
+from nlpstream.inference.errors import (
     AgreementError,
     DeviceError,
     InferenceError,
@@ -18,7 +18,7 @@ from inference.errors import (
     TextError,
     UnsafeModelError,
 )
-from inference.types import Prediction
+from nlpstream.inference.types import Prediction
 
 __all__ = [
     "AgreementError",
@@ -57,9 +57,9 @@ def load_engine(
     ``probe_backoff_s``, ``attempt_timeout_s`` (see :class:`Engine`).
     Raises ModelLoadError / UnsafeModelError / DeviceError / InferenceError.
     """
-    from inference.devices import parse_devices
-    from inference.engine import Engine
-    from inference.model import load_model
+    from nlpstream.inference.devices import parse_devices
+    from nlpstream.inference.engine import Engine
+    from nlpstream.inference.model import load_model
 
     device_list = parse_devices(devices)
     bundle = load_model(model)
@@ -68,7 +68,7 @@ def load_engine(
 
 def __getattr__(name: str) -> object:
     if name == "Engine":
-        from inference.engine import Engine
+        from nlpstream.inference.engine import Engine
 
         return Engine
     raise AttributeError(name)

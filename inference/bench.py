@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from inference import load_engine
-from inference.batching import plan_batches
+from nlpstream.inference import load_engine
+from nlpstream.inference.batching import plan_batches
 
 _NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jun", "Kim", "Lea", "Mo", "Nia"]
 _TAILS = ["Order {n}.", "Ticket #{n}.", "Ref {n}, sent from my phone.", "(account {n})", "Thanks, {name}.",
@@ -36,7 +36,7 @@ _TAILS = ["Order {n}.", "Ticket #{n}.", "Ref {n}, sent from my phone.", "(accoun
 def make_corpus(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct texts from the shipped sentences: 70% one sentence, 25% 2-4, 5% 6-20,
     each with a varied reference (order numbers, names) as in real tickets and chats."""
-    path = resources.files("inference.builtin").joinpath("data/sentiment_train.jsonl")
+    path = resources.files("nlpstream.inference.builtin").joinpath("data/sentiment_train.jsonl")
     sentences = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(seed)
     corpus: list[str] = []
@@ -108,7 +108,7 @@ def _onnx_int8(engine: Any, workdir: str) -> Any:
 
 
 def _openvino_bf16(engine: Any) -> Any:
-    from inference import openvino_backend as ovb
+    from nlpstream.inference import openvino_backend as ovb
 
     fp32, _ = ovb.load_models(engine.bundle, int8=False)
     return ovb.compile_cpu(fp32, "bf16")
@@ -238,8 +238,8 @@ def run_bench(n_texts: int | None = None, model: str = "builtin:sentiment", devi
               precision: str = "auto", peak_tflops: float | None = None) -> dict[str, Any]:
     """Run the CPU comparison (2,000 texts by default) or the GPU bench (100,000); return and echo the results."""
     if devices.startswith("cuda"):
-        from inference.devices import parse_devices
-        from inference.gpu_bench import run_device_bench
+        from nlpstream.inference.devices import parse_devices
+        from nlpstream.inference.gpu_bench import run_device_bench
 
         return run_device_bench(model, parse_devices(devices), n_texts or 100_000, warmup, precision,
                                 peak_tflops=peak_tflops, echo=echo)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference.errors import DeviceError
+from nlpstream.inference.errors import DeviceError
 
 
 def parse_devices(spec: str, cuda_count: int | None = None) -> list[str]:

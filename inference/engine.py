@@ -31,14 +31,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from inference import metrics
-from inference.batching import Batch, TokenBudget, plan_batches, should_dispatch
-from inference.cache import PredictionCache
-from inference.errors import AgreementError, DeviceError, InferenceError, TextError
-from inference.model import ModelBundle
-from inference.runtimes import OpenVINORunner, Runner, TorchRunner
-from inference.scheduler import _WAIT_STEP_S, Replica, Scheduler
-from inference.types import Prediction
+from nlpstream.inference import metrics
+from nlpstream.inference.batching import Batch, TokenBudget, plan_batches, should_dispatch
+from nlpstream.inference.cache import PredictionCache
+from nlpstream.inference.errors import AgreementError, DeviceError, InferenceError, TextError
+from nlpstream.inference.model import ModelBundle
+from nlpstream.inference.runtimes import OpenVINORunner, Runner, TorchRunner
+from nlpstream.inference.scheduler import _WAIT_STEP_S, Replica, Scheduler
+from nlpstream.inference.types import Prediction
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 LONG_TEXT = ("truncate", "chunk")
@@ -96,7 +96,7 @@ def _cc(capability: tuple[int, int] | None) -> str:
 
 def agreement_sample(n: int) -> list[str]:
     """A fixed, varied sample of ``n`` short English texts (shipped sentences, every k-th line)."""
-    path = resources.files("inference.builtin").joinpath("data/sentiment_heldout.jsonl")
+    path = resources.files("nlpstream.inference.builtin").joinpath("data/sentiment_heldout.jsonl")
     lines = [json.loads(x)["text"] for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     step = max(1, len(lines) // max(1, n))
     return lines[::step][:n]
@@ -179,7 +179,7 @@ class Engine:
 
     # -- construction -----------------------------------------------------
     def _build_replicas(self, devices: list[str], precision: str) -> list[Replica]:
-        from inference import openvino_backend as ovb
+        from nlpstream.inference import openvino_backend as ovb
 
         has_ov = any(d.startswith("cpu") for d in devices) and ovb.available()
         has_nncf = has_ov and ovb.available(int8=True)
@@ -208,7 +208,7 @@ class Engine:
 
     def _make_runner(self, mode: str, device: torch.device) -> Runner:
         if mode.startswith("openvino"):
-            from inference import openvino_backend as ovb
+            from nlpstream.inference import openvino_backend as ovb
 
             fp32, int8 = ovb.load_models(self.bundle, int8=mode == "openvino-int8")
             if int8 is None:

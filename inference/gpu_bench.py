@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from inference import load_engine
-from inference.bench import _flops_per_token, make_corpus
+from nlpstream.inference import load_engine
+from nlpstream.inference.bench import _flops_per_token, make_corpus
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, bf16 where the chip has it natively, else fp16,
 # keyed by the exact name torch.cuda.get_device_name reports (vendor data sheets).
@@ -145,11 +145,11 @@ def _sync(devices: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m inference.gpu_bench``: the same bench without the CLI's dependencies (for bare GPU hosts)."""
+    """``python -m nlpstream.inference.gpu_bench``: the same bench without the CLI's dependencies (for bare GPU hosts)."""
     import argparse
     import json
 
-    from inference.devices import parse_devices
+    from nlpstream.inference.devices import parse_devices
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:sentiment")

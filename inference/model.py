@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.errors import ModelLoadError, UnsafeModelError
+from nlpstream.inference.errors import ModelLoadError, UnsafeModelError
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ def load_hf_model(spec: str) -> ModelBundle:
 def load_model(spec: str) -> ModelBundle:
     """Load ``builtin:<name>`` or a Hugging Face model (see :func:`load_hf_model`)."""
     if spec.startswith("builtin:"):
-        from inference.builtin import load_builtin
+        from nlpstream.inference.builtin import load_builtin
 
         return load_builtin(spec.split(":", 1)[1])
     return load_hf_model(spec)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.batching import plan_batches
-from inference.errors import InferenceError
-from inference.model import ModelBundle
+from nlpstream.inference.batching import plan_batches
+from nlpstream.inference.errors import InferenceError
+from nlpstream.inference.model import ModelBundle
 
 log = logging.getLogger(__name__)
 GUARD_MARGIN = 0.03  # int8 top-two margin under which a text is rerun in bf16
@@ -60,7 +60,7 @@ def weights_key(module: torch.nn.Module, extra: str) -> str:
 
 def calibration_batches(bundle: ModelBundle, count: int = _CALIBRATION_TEXTS) -> list[dict[str, np.ndarray]]:
     """Padded batches of shipped sentences (single and joined, like tickets and headlines)."""
-    path = resources.files("inference.builtin").joinpath("data/sentiment_train.jsonl")
+    path = resources.files("nlpstream.inference.builtin").joinpath("data/sentiment_train.jsonl")
     sentences = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rng = random.Random(0)
     texts = [" ".join(rng.choice(sentences) for _ in range(rng.choice((1, 1, 1, 2, 3, 6)))) for _ in range(count)]

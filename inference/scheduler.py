@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference import metrics
-from inference.batching import Batch, TokenBudget, plan_batches
-from inference.errors import NoLiveDeviceError
-from inference.runtimes import Runner
+from nlpstream.inference import metrics
+from nlpstream.inference.batching import Batch, TokenBudget, plan_batches
+from nlpstream.inference.errors import NoLiveDeviceError
+from nlpstream.inference.runtimes import Runner
 
 log = logging.getLogger(__name__)
 _WAIT_STEP_S = 30.0

@@ -18,8 +18,8 @@ import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from jobs.config import AlertConfig
-from sinks import Alert
+from nlpstream.jobs.config import AlertConfig
+from nlpstream.sinks import Alert
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,9 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from inference import Engine
-from jobs.config import BackfillConfig
-from sinks import OutputRow, ParquetSink
+from nlpstream.inference import Engine
+from nlpstream.jobs.config import BackfillConfig
+from nlpstream.sinks import OutputRow, ParquetSink
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jobs.config import BackfillConfig, ConfigError, StreamConfig, load_config
+from nlpstream.jobs.config import BackfillConfig, ConfigError, StreamConfig, load_config
 
 app = typer.Typer(help="Label Kafka text streams with Transformer classifiers.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -82,10 +82,10 @@ def stream(
         _fail(str(exc))
     if not cfg.kafka.topics:
         _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
-    from consumers.errors import ConsumerError
-    from jobs.metrics import MetricsPortError
-    from inference import InferenceError, NoLiveDeviceError
-    from jobs.stream import DEVICE_EXIT_CODE, StreamJob
+    from nlpstream.consumers.errors import ConsumerError
+    from nlpstream.jobs.metrics import MetricsPortError
+    from nlpstream.inference import InferenceError, NoLiveDeviceError
+    from nlpstream.jobs.stream import DEVICE_EXIT_CODE, StreamJob
 
     job = StreamJob(cfg, hard_backstop=True)
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
@@ -123,8 +123,8 @@ def backfill(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from inference import load_engine
-    from jobs.backfill import BackfillError, run_backfill
+    from nlpstream.inference import load_engine
+    from nlpstream.jobs.backfill import BackfillError, run_backfill
 
     try:
         cfg = load_config(BackfillConfig, config, {
@@ -161,7 +161,7 @@ def classify(
     probs: Annotated[bool, typer.Option(help="Include per-label probabilities.")] = False,
 ) -> None:
     """Label lines from a file or stdin and print JSON lines."""
-    from inference import load_engine
+    from nlpstream.inference import load_engine
 
     source = file.open(encoding="utf-8") if file else sys.stdin
     lines = [line.rstrip("\n") for line in source]
@@ -189,7 +189,7 @@ def demo(
     """Start a local broker, produce sample traffic, run the stream job, print a summary."""
     _setup_logging(False)
     logging.getLogger().setLevel(logging.WARNING)
-    from jobs.demo import run_demo
+    from nlpstream.jobs.demo import run_demo
 
     run_demo(messages=messages, output=output, data_dir=data_dir, keep_broker=keep_broker, devices=devices or "auto")
 
@@ -201,8 +201,8 @@ def kafka_start(
     version: Annotated[str, typer.Option(help="Apache Kafka version (4.x).")] = "",
 ) -> None:
     """Start a single-node KRaft broker in the background; returns once it accepts clients."""
-    from consumers import KafkaLocalError
-    from consumers.kafka_local import DEFAULT_KAFKA_VERSION, start
+    from nlpstream.consumers import KafkaLocalError
+    from nlpstream.consumers.kafka_local import DEFAULT_KAFKA_VERSION, start
 
     try:
         info = start(data_dir, port=port, version=version or DEFAULT_KAFKA_VERSION)
@@ -214,7 +214,7 @@ def kafka_start(
 @kafka_app.command("stop")
 def kafka_stop(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-kafka")) -> None:
     """Stop the broker started with this data folder."""
-    from consumers.kafka_local import stop
+    from nlpstream.consumers.kafka_local import stop
 
     typer.echo("stopped" if stop(data_dir) else "not running")
 
@@ -222,7 +222,7 @@ def kafka_stop(data_dir: Annotated[Path, typer.Option(help="Data folder given to
 @kafka_app.command("status")
 def kafka_status(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-kafka")) -> None:
     """Report whether the broker of this data folder runs; exit 1 when it does not."""
-    from consumers.kafka_local import status
+    from nlpstream.consumers.kafka_local import status
 
     info, running = status(data_dir)
     typer.echo(json.dumps({"running": running, "bootstrap_servers": info.bootstrap_servers if info else None,
@@ -245,7 +245,7 @@ def bench(
 ) -> None:
     """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), or measure GPUs."""
     logging.basicConfig(level=logging.WARNING)
-    from inference.bench import run_bench, run_memory_loop
+    from nlpstream.inference.bench import run_bench, run_memory_loop
 
     result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
                        include_pipeline=baselines, echo=typer.echo, warmup=warmup, precision=precision or "auto",

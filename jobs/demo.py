@@ -10,9 +10,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from consumers import kafka_local
-from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
-from jobs.stream import StreamJob
+from nlpstream.consumers import kafka_local
+from nlpstream.jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+from nlpstream.jobs.stream import StreamJob
 
 BAD_VALUES: tuple[bytes | None, ...] = (b"\xff\xfe not utf-8", b"", b"{not json", b"[1, 2, 3]", b'{"id": "no-text"}',
                                         b'{"text": "   "}', b'{"text": 42}')
@@ -20,7 +20,7 @@ BAD_VALUES: tuple[bytes | None, ...] = (b"\xff\xfe not utf-8", b"", b"{not json"
 
 def sample_traffic() -> list[dict[str, str]]:
     """The shipped sample of customer-service and financial messages."""
-    text = resources.files("jobs").joinpath("data/sample_traffic.jsonl").read_text(encoding="utf-8")
+    text = resources.files("nlpstream.jobs").joinpath("data/sample_traffic.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

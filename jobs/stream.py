@@ -26,16 +26,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumers import DecodeError, DecodeSettings, InputRecord, decode_record
-from consumers.client_config import ConnectionSettings, connect_error
-from consumers.errors import KafkaUnavailableError
-from consumers.dlq import DeadLetterError, DeadLetterQueue
-from consumers.kafka_input import ConsumerSettings, KafkaInput
-from inference import DeviceError, Engine, Prediction, load_engine
-from jobs import metrics
-from jobs.alerts import AlertRules, LabeledMessage
-from jobs.config import StreamConfig
-from sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError, WebhookAlertSink
+from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers.client_config import ConnectionSettings, connect_error
+from nlpstream.consumers.errors import KafkaUnavailableError
+from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
+from nlpstream.consumers.kafka_input import ConsumerSettings, KafkaInput
+from nlpstream.inference import DeviceError, Engine, Prediction, load_engine
+from nlpstream.jobs import metrics
+from nlpstream.jobs.alerts import AlertRules, LabeledMessage
+from nlpstream.jobs.config import StreamConfig
+from nlpstream.sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError, WebhookAlertSink
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]

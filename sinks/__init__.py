@@ -4,11 +4,11 @@ A sink is small: ``write(rows)``, ``flush()`` (durable on return),
 ``close()``. Sinks never commit offsets; the job does, after every flush.
 """
 
-from sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink, WebhookAlertSink
-from sinks.errors import SinkBackpressure, SinkError, SinkWriteError
-from sinks.naming import FileKey, parse_name
-from sinks.parquet import ParquetSink, WrittenFile
-from sinks.schema import OutputRow, arrow_schema, to_table
+from nlpstream.sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink, WebhookAlertSink
+from nlpstream.sinks.errors import SinkBackpressure, SinkError, SinkWriteError
+from nlpstream.sinks.naming import FileKey, parse_name
+from nlpstream.sinks.parquet import ParquetSink, WrittenFile
+from nlpstream.sinks.schema import OutputRow, arrow_schema, to_table
 
 __all__ = [
     "Alert",

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sinks import metrics
-from sinks.errors import SinkWriteError
+from nlpstream.sinks import metrics
+from nlpstream.sinks.errors import SinkWriteError
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,12 +31,12 @@ import fsspec
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from sinks import metrics
-from sinks.errors import SinkWriteError
-from sinks.naming import FileKey, parse_name, partition_glob, temp_glob
+from nlpstream.sinks import metrics
+from nlpstream.sinks.errors import SinkWriteError
+from nlpstream.sinks.naming import FileKey, parse_name, partition_glob, temp_glob
 
 log = logging.getLogger(__name__)
-from sinks.schema import OutputRow, to_table
+from nlpstream.sinks.schema import OutputRow, to_table
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    from consumers import kafka_local
+    from nlpstream.consumers import kafka_local
 
     data = tmp_path_factory.mktemp("kafka-broker")
     info = kafka_local.start(data, port=0, timeout_s=120)
@@ -134,7 +134,7 @@ def read_output(path: Path) -> Any:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
     """The builtin model in the engine's reference path (fp32, no cache): deterministic."""
-    from inference import load_engine
+    from nlpstream.inference import load_engine
 
     with load_engine("builtin:sentiment", devices="cpu", precision="fp32", cache_entries=0) as eng:
         yield eng
@@ -143,7 +143,7 @@ def engine() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def fast_engine() -> Iterator[Any]:
     """The builtin model as ``precision=auto`` runs it on CPU (OpenVINO int8 + guard), no cache."""
-    from inference import load_engine
+    from nlpstream.inference import load_engine
 
     with load_engine("builtin:sentiment", devices="cpu", precision="auto", cache_entries=0) as eng:
         yield eng

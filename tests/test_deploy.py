@@ -11,9 +11,9 @@ from pathlib import Path
 import yaml
 from prometheus_client import REGISTRY
 
-import inference.metrics  # noqa: F401 - registers metrics
-import jobs.metrics  # noqa: F401
-import sinks.metrics  # noqa: F401
+import nlpstream.inference.metrics  # noqa: F401 - registers metrics
+import nlpstream.jobs.metrics  # noqa: F401
+import nlpstream.sinks.metrics  # noqa: F401
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 NAME = re.compile(r"\bnlpstream_[a-z_]+\b")
@@ -57,7 +57,7 @@ def test_dashboard_queries_use_real_metrics():
 
 
 def test_example_config_is_valid():
-    from jobs.config import StreamConfig, load_config
+    from nlpstream.jobs.config import StreamConfig, load_config
 
     cfg = load_config(StreamConfig, DEPLOY / "config.example.yaml", {})
     assert cfg.kafka.topics == ["support-chats", "fin-news"]

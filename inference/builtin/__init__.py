@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from inference.errors import ModelLoadError
-from inference.model import ModelBundle, quiet_transformers
+from nlpstream.inference.errors import ModelLoadError
+from nlpstream.inference.model import ModelBundle, quiet_transformers
 
-BUILTIN_DIR = Path(str(resources.files("inference.builtin")))
+BUILTIN_DIR = Path(str(resources.files("nlpstream.inference.builtin")))
 BUILTINS = ("sentiment",)
 
 
@@ -82,7 +82,7 @@ def read_spec(name: str, folder: Path = BUILTIN_DIR) -> dict[str, Any]:
     try:
         spec = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ModelLoadError(f"builtin:{name} spec {path} is missing; rebuild it with 'python -m inference.builtin.build'") from exc
+        raise ModelLoadError(f"builtin:{name} spec {path} is missing; rebuild it with 'python -m nlpstream.inference.builtin.build'") from exc
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"builtin:{name} spec {path} is not valid JSON: {exc}") from exc
     for key in ("labels", "head_file", "head_sha256"):
@@ -100,7 +100,7 @@ def load_head(name: str, spec: dict[str, Any], hidden: int, folder: Path = BUILT
     try:
         blob = path.read_bytes()
     except FileNotFoundError as exc:
-        raise ModelLoadError(f"builtin:{name} head {path} is missing; rebuild it with 'python -m inference.builtin.build'") from exc
+        raise ModelLoadError(f"builtin:{name} head {path} is missing; rebuild it with 'python -m nlpstream.inference.builtin.build'") from exc
     digest = hashlib.sha256(blob).hexdigest()
     if digest != spec["head_sha256"]:
         raise ModelLoadError(f"builtin:{name} head {path} is corrupted: sha256 {digest[:12]}… != {spec['head_sha256'][:12]}…")

@@ -1,6 +1,6 @@
 """Rebuild ``builtin:sentiment`` from the packaged backbone and the shipped data.
 
-    python -m inference.builtin.build [--seed 13] [--out DIR]
+    python -m nlpstream.inference.builtin.build [--seed 13] [--out DIR]
 
 Deterministic for a given seed on a given machine: sentence embeddings from
 the frozen MiniLM-L6 backbone (mean pooling, L2 norm), then a multinomial
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from inference.builtin import BUILTIN_DIR, load_backbone, make_module
+from nlpstream.inference.builtin import BUILTIN_DIR, load_backbone, make_module
 
 LABELS = ("negative", "neutral", "positive")
 DATA_DIR = BUILTIN_DIR / "data"

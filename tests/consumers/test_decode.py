@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
 
 
 def rec(value, key=None, offset=5):

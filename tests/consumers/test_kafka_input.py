@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from consumers.client_config import ConnectionSettings
-from consumers.kafka_input import ConsumerSettings, KafkaInput
+from nlpstream.consumers.client_config import ConnectionSettings
+from nlpstream.consumers.kafka_input import ConsumerSettings, KafkaInput
 from tests.conftest import json_messages, produce
 
 pytestmark = pytest.mark.kafka

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from consumers import kafka_local
+from nlpstream.consumers import kafka_local
 
 pytestmark = pytest.mark.kafka
 

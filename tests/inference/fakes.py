@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from inference.engine import Engine
-from inference.model import ModelBundle
+from nlpstream.inference.engine import Engine
+from nlpstream.inference.model import ModelBundle
 
 POISON = 666
 NAN = 777

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from inference.batching import plan_batches, padding_share
+from nlpstream.inference.batching import plan_batches, padding_share
 
 
 def test_every_index_once_and_limits_hold():
@@ -21,7 +21,7 @@ def test_sorted_batches_pad_less_than_arrival_order():
     rng = random.Random(2)
     lengths = [rng.randint(4, 256) for _ in range(512)]
     planned = plan_batches(lengths, 1 << 30, 32)
-    from inference.batching import Batch
+    from nlpstream.inference.batching import Batch
 
     naive = [Batch(tuple(range(i, i + 32)), max(lengths[i : i + 32])) for i in range(0, 512, 32)]
     assert padding_share(lengths, planned) < padding_share(lengths, naive) / 3
@@ -48,7 +48,7 @@ def test_no_torch_import():
 
 
 def test_should_dispatch():
-    from inference.batching import should_dispatch
+    from nlpstream.inference.batching import should_dispatch
 
     assert should_dispatch(5000, 0, 4096, 10)
     assert should_dispatch(10, 11, 4096, 10)
@@ -57,7 +57,7 @@ def test_should_dispatch():
 
 
 def test_token_budget_adapts_only_with_a_target():
-    from inference.batching import TokenBudget
+    from nlpstream.inference.batching import TokenBudget
 
     fixed = TokenBudget(4096)
     assert fixed.observe(4096, 1.0) == 4096

@@ -2,7 +2,7 @@
 
 import pytest
 
-from inference.bench import _flops_per_token, make_corpus, run_bench
+from nlpstream.inference.bench import _flops_per_token, make_corpus, run_bench
 
 pytestmark = pytest.mark.model
 
@@ -39,7 +39,7 @@ def test_flops_per_token_of_bert_base():
 
 def test_device_bench_measures_steady_state_on_cpu_replicas():
     """The GPU bench's code path, on two CPU replicas: warm-up apart, device and end-to-end time, scaling."""
-    from inference.gpu_bench import run_device_bench
+    from nlpstream.inference.gpu_bench import run_device_bench
 
     result = run_device_bench("builtin:sentiment", ["cpu", "cpu"], n_texts=300, warmup=40, precision="fp32",
                               agreement_texts=100, peak_tflops=1.0, echo=print)
@@ -54,7 +54,7 @@ def test_device_bench_measures_steady_state_on_cpu_replicas():
 
 
 def test_peak_lookup_is_exact_and_scaling_efficiency():
-    from inference.gpu_bench import lookup_peak, scaling_efficiency
+    from nlpstream.inference.gpu_bench import lookup_peak, scaling_efficiency
 
     assert lookup_peak("NVIDIA L4") == 121.0 and lookup_peak("NVIDIA L40") == 181.0
     assert lookup_peak("NVIDIA H100 PCIe") == 756.0 and lookup_peak("NVIDIA H100 80GB HBM3") == 989.0

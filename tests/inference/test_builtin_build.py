@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from inference.builtin import BUILTIN_DIR, load_builtin
-from inference.builtin.build import build
+from nlpstream.inference.builtin import BUILTIN_DIR, load_builtin
+from nlpstream.inference.builtin.build import build
 
 pytestmark = pytest.mark.model
 

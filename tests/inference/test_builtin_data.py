@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from inference.builtin import BUILTIN_DIR
+from nlpstream.inference.builtin import BUILTIN_DIR
 
 DATA = BUILTIN_DIR / "data"
 

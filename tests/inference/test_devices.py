@@ -1,7 +1,7 @@
 import pytest
 
-from inference.devices import parse_devices
-from inference.errors import DeviceError
+from nlpstream.inference.devices import parse_devices
+from nlpstream.inference.errors import DeviceError
 
 
 def test_forms():

@@ -6,10 +6,10 @@ import shutil
 import pytest
 import torch
 
-from inference import DeviceError, InferenceError, ModelLoadError, UnsafeModelError, load_engine
-from inference.builtin import BUILTIN_DIR, load_builtin
-from inference.engine import Engine
-from inference.model import load_model
+from nlpstream.inference import DeviceError, InferenceError, ModelLoadError, UnsafeModelError, load_engine
+from nlpstream.inference.builtin import BUILTIN_DIR, load_builtin
+from nlpstream.inference.engine import Engine
+from nlpstream.inference.model import load_model
 
 pytestmark = pytest.mark.model
 
@@ -128,7 +128,7 @@ def test_closed_engine_refuses():
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_fast_precisions_batched_equal_single_and_agree_with_fp32(engine, precision):
-    from inference.bench import make_corpus
+    from nlpstream.inference.bench import make_corpus
 
     with Engine(engine.bundle, ["cpu"], precision, cache_entries=0) as fast:
         assert fast.modes["cpu#0"].startswith("openvino")
@@ -168,7 +168,7 @@ def test_corrupted_or_missing_head_is_refused(tmp_path):
 def test_hf_directory_loads_and_unsafe_ones_are_refused(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from inference.builtin import backbone_dir
+    from nlpstream.inference.builtin import backbone_dir
 
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=37, num_labels=2, id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})

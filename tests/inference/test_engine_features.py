@@ -4,10 +4,10 @@ import threading
 
 import pytest
 
-from inference import load_engine, metrics
-from inference.cache import PredictionCache
-from inference.engine import Engine, precision_mode
-from inference.errors import InferenceError
+from nlpstream.inference import load_engine, metrics
+from nlpstream.inference.cache import PredictionCache
+from nlpstream.inference.engine import Engine, precision_mode
+from nlpstream.inference.errors import InferenceError
 
 pytestmark = pytest.mark.model
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from inference import AgreementError, DeviceError, InferenceError, TextError, metrics
-from inference.engine import precision_mode
+from nlpstream.inference import AgreementError, DeviceError, InferenceError, TextError, metrics
+from nlpstream.inference.engine import precision_mode
 from tests.inference.fakes import FakeTokenizer, expected_label, fake_engine
 
 TEXTS = [f"order {i} is late again" if i % 3 else f"thanks for ticket {i}" for i in range(40)]
@@ -60,7 +60,7 @@ def test_a_gone_device_is_taken_out_probed_with_backoff_and_brought_back(caplog)
     eng, runners = fake_engine(["cuda:0", "cuda:1"], max_batch_size=4)
     with eng:
         runners["cuda:1"].dead = True
-        with caplog.at_level("WARNING", logger="inference.scheduler"):
+        with caplog.at_level("WARNING", logger="nlpstream.inference.scheduler"):
             assert [p.label for p in eng.classify(TEXTS)] == expected(TEXTS)
         assert [r.alive for r in eng._replicas] == [True, False]
         assert counter(metrics.REPLICA_UP, "cuda:1#1") == 0
@@ -69,7 +69,7 @@ def test_a_gone_device_is_taken_out_probed_with_backoff_and_brought_back(caplog)
         runners["cuda:1"].dead = False
         time.sleep(0.1)  # past the first backoff (0.05 s)
         before = runners["cuda:1"].calls
-        with caplog.at_level("WARNING", logger="inference.scheduler"):
+        with caplog.at_level("WARNING", logger="nlpstream.inference.scheduler"):
             eng.classify(TEXTS)
             eng.classify([t + " again" for t in TEXTS])
         assert [r.alive for r in eng._replicas] == [True, True]

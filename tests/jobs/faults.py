@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from jobs.stream import STALL_EXIT_CODE
+from nlpstream.jobs.stream import STALL_EXIT_CODE
 from tests.conftest import read_output
 
 
@@ -95,7 +95,7 @@ class Supervised:
 
 def stream_proc(bootstrap: str, topic: str, out: Path, group: str, *extra: str, log: Path | None = None,
                 env: dict[str, str] | None = None) -> Supervised:
-    cmd = [sys.executable, "-m", "jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
+    cmd = [sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
            "--group-id", group, "--output", str(out), "--devices", "cpu", "--flush-interval", "0.3",
            "--metrics-port", "0", *extra]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", NLPSTREAM_KAFKA__SESSION_TIMEOUT_MS="6000",

@@ -1,5 +1,5 @@
-from jobs.alerts import AlertRules, LabeledMessage
-from jobs.config import AlertConfig
+from nlpstream.jobs.alerts import AlertRules, LabeledMessage
+from nlpstream.jobs.config import AlertConfig
 
 
 def msg(i, label, key="acme", t=None, score=0.9):

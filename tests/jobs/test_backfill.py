@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from jobs.backfill import run_backfill
-from jobs.config import BackfillConfig, load_config
+from nlpstream.jobs.backfill import run_backfill
+from nlpstream.jobs.config import BackfillConfig, load_config
 from tests.conftest import read_output
 from tests.inference.fakes import fake_engine
 

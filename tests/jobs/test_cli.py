@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import read_output
 
 pytestmark = pytest.mark.model
-CLI = [sys.executable, "-m", "jobs.cli"]
+CLI = [sys.executable, "-m", "nlpstream.jobs.cli"]
 
 
 def run(args, **kw):

@@ -1,6 +1,6 @@
 import pytest
 
-from jobs.config import ConfigError, StreamConfig, load_config
+from nlpstream.jobs.config import ConfigError, StreamConfig, load_config
 
 
 def test_precedence_cli_over_env_over_yaml(tmp_path, monkeypatch):
@@ -47,7 +47,7 @@ def test_secrets_never_printed(monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_config(StreamConfig, None, {"kafka.topics": ["x"], "kafka.sasl_password_file": "/tmp/x"})
     assert "hunter2" not in str(info.value)
-    from jobs.stream import connection_settings
+    from nlpstream.jobs.stream import connection_settings
 
     assert "hunter2" not in repr(connection_settings(cfg))
 

@@ -15,10 +15,10 @@ import threading
 
 import pytest
 
-from inference import DeviceError
-from inference.engine import Engine
-from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
-from jobs.stream import DEVICE_EXIT_CODE, StreamJob
+from nlpstream.inference import DeviceError
+from nlpstream.inference.engine import Engine
+from nlpstream.jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+from nlpstream.jobs.stream import DEVICE_EXIT_CODE, StreamJob
 from tests.conftest import json_messages, produce, read_output, read_topic
 from tests.jobs.faults import exactness
 from tests.jobs.test_faults import committed
@@ -129,14 +129,14 @@ def test_a_gone_device_stops_the_job_without_dead_letters_and_a_restart_finishes
 
 
 def test_cli_start_up_device_errors_exit_2_and_lost_devices_exit_69(monkeypatch):
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "stream", "--topic", "t", "--bootstrap-servers",
+    proc = subprocess.run([sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--topic", "t", "--bootstrap-servers",
                            "127.0.0.1:9", "--devices", "cuda:7"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]  # a wrong device spec: a restart would not help
     assert "cuda:7" in proc.stderr
     from typer.testing import CliRunner
 
-    from inference import NoLiveDeviceError
-    from jobs import cli
+    from nlpstream.inference import NoLiveDeviceError
+    from nlpstream.jobs import cli
 
     def lost(self):
         raise NoLiveDeviceError("no device replica is live (cuda:0#0 down)")

@@ -113,7 +113,7 @@ def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, uniq
 
 
 def test_broker_stopped_20s_mid_stream(make_topic, unique, tmp_path):
-    from consumers import kafka_local
+    from nlpstream.consumers import kafka_local
 
     data = tmp_path / "broker"
     info = kafka_local.start(data, port=0, timeout_s=120)
@@ -199,8 +199,8 @@ class PoisonAwareEngine:
 
 
 def test_poison_corpus_only_poison_in_dlq(kafka_bootstrap, make_topic, unique, tmp_path, engine):
-    from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
-    from jobs.stream import StreamJob
+    from nlpstream.jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+    from nlpstream.jobs.stream import StreamJob
 
     topic = make_topic(unique, partitions=2)
     bad_values = [b"\xff\xfe", b"", None, b"{nope", b"[1]", b'{"x": 1}', b'{"text": 3}', b'{"text": " "}']

@@ -7,10 +7,10 @@ import urllib.request
 
 import pytest
 
-from consumers import kafka_local
-from consumers.errors import ConsumerError
-from jobs.config import load_config, StreamConfig
-from jobs.stream import StreamJob
+from nlpstream.consumers import kafka_local
+from nlpstream.consumers.errors import ConsumerError
+from nlpstream.jobs.config import load_config, StreamConfig
+from nlpstream.jobs.stream import StreamJob
 from tests.conftest import json_messages, produce, read_output
 from tests.tls import TlsFiles, make_tls_files
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
-from jobs.stream import StreamJob
+from nlpstream.jobs.config import AlertConfig, InputConfig, KafkaConfig, MetricsConfig, ModelConfig, OutputConfig, StreamConfig
+from nlpstream.jobs.stream import StreamJob
 from tests.conftest import json_messages, produce, read_output, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
@@ -181,7 +181,7 @@ def test_alert_burst_fires_once_and_replay_adds_no_new_id(kafka_bootstrap, make_
 
 
 def _stream_cmd(bootstrap, topic, out, group, extra=()):
-    return [sys.executable, "-m", "jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
+    return [sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,
             "--group-id", group, "--output", str(out), "--devices", "cpu", "--flush-interval", "0.5",
             "--metrics-port", "0", *extra]
 
@@ -234,7 +234,7 @@ def test_fetch_stall_rebuilds_the_consumer_and_output_stays_exact(kafka_bootstra
     """A partition the client silently stops fetching (as a client bug would) is noticed and recovered."""
     from kafka import TopicPartition
 
-    from jobs import metrics as job_metrics
+    from nlpstream.jobs import metrics as job_metrics
 
     topic = make_topic(unique, partitions=3)
     first, n = 300, 900

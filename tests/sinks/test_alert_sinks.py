@@ -1,6 +1,6 @@
 import json
 
-from sinks import Alert, FileAlertSink
+from nlpstream.sinks import Alert, FileAlertSink
 
 
 def alert(i):

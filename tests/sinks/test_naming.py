@@ -1,4 +1,4 @@
-from sinks.naming import FileKey, parse_name
+from nlpstream.sinks.naming import FileKey, parse_name
 
 
 def test_round_trip_and_sorting():

@@ -4,7 +4,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from sinks import OutputRow, ParquetSink, SinkWriteError
+from nlpstream.sinks import OutputRow, ParquetSink, SinkWriteError
 
 DAY1 = 1_795_000_000_000  # 2026-11-18 UTC
 DAY2 = DAY1 + 86_400_000
@@ -98,7 +98,7 @@ def test_discard_drops_one_partition(tmp_path):
 @pytest.mark.parametrize("url", ["local", "memory://nlpstream-zombie/out"])
 def test_skip_written_never_writes_offsets_another_worker_holds(tmp_path, url):
     """A zombie (an evicted worker still holding rows) and the partition's new owner write exactly once."""
-    from sinks import metrics
+    from nlpstream.sinks import metrics
 
     root = str(tmp_path) if url == "local" else url
     owner = ParquetSink(root, skip_written=True)

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sinks import Alert, SinkWriteError, WebhookAlertSink
+from nlpstream.sinks import Alert, SinkWriteError, WebhookAlertSink
 
 
 class Receiver:

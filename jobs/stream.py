@@ -35,6 +35,7 @@ from nlpstream.inference import DeviceError, Engine, Prediction, load_engine
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.config import StreamConfig
+from nlpstream.jobs.ledger import OffsetLedger
 from nlpstream.sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError, WebhookAlertSink
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,7 @@ class StreamJob:
         self._armed_at = -1e9
         self._lock = threading.RLock()
         self._decode = DecodeSettings(config.input.input_format, config.input.text_field, config.input.id_field)
-        self._next: dict[TP, int] = {}  # next offset to accept per partition
-        self._pending: dict[TP, int] = {}  # next offsets of records handled but not yet durable
-        self._durable: dict[TP, int] = {}  # next offsets durable but not yet committed
+        self._ledger = OffsetLedger()  # handled -> durable -> committed per partition
         self._buffered_rows: list[tuple[str, int, int, str]] = []  # (topic, partition, event ms, label) not yet durable
         self._dlq_pending: list[tuple[str, str]] = []  # (topic, reason)
         self._alerts_pending = 0
@@ -319,13 +318,10 @@ class StreamJob:
 
     # -- per batch ----------------------------------------------------------------
     def _accept(self, record: InputRecord) -> bool:
-        tp = (record.topic, record.partition)
-        floor = self._next.get(tp)
-        if floor is not None and record.offset < floor:
+        if not self._ledger.accept((record.topic, record.partition), record.offset):
             metrics.SKIPPED.labels(record.topic).inc()
             self.summary.skipped += 1
             return False
-        self._next[tp] = record.offset + 1
         metrics.CONSUMED.labels(record.topic).inc()
         self.summary.consumed += 1
         return True
@@ -372,8 +368,7 @@ class StreamJob:
                 sink.write(alerts)
             self._alerts_pending += len(alerts)
         for record in records:
-            tp = (record.topic, record.partition)
-            self._pending[tp] = max(self._pending.get(tp, 0), record.offset + 1)
+            self._ledger.handled((record.topic, record.partition), record.offset)
 
     def _classify_batch(self, texts: list[str]) -> list[Prediction | BaseException]:
         metrics.BATCH_TEXTS.observe(len(texts))
@@ -419,7 +414,7 @@ class StreamJob:
         self._dlq_pending.append((record.topic, reason))
 
     def _has_pending(self) -> bool:
-        return bool(self._pending)
+        return self._ledger.has_pending()
 
     def _flush(self) -> bool:
         """Make everything handled durable (DLQ, files, alerts); True on success. Caller holds the lock."""
@@ -446,14 +441,13 @@ class StreamJob:
         self._buffered_rows.clear()
         self._dlq_pending.clear()
         self._alerts_pending = 0
-        self._durable.update(self._pending)
-        self._pending.clear()
+        self._ledger.made_durable()
         return True
 
     def _commit(self) -> None:
         with self._lock:
             owned = set(self._input.assignment())
-            offsets = {tp: off for tp, off in self._durable.items() if tp in owned}
+            offsets = self._ledger.to_commit(owned)
         if not offsets:
             return
         try:
@@ -464,9 +458,7 @@ class StreamJob:
             return
         metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
         with self._lock:
-            for tp, off in offsets.items():
-                if self._durable.get(tp) == off:
-                    del self._durable[tp]
+            self._ledger.committed(offsets)
 
     def _apply_backpressure(self) -> None:
         limit = self.config.output.max_buffered_rows * 2
@@ -483,7 +475,7 @@ class StreamJob:
     def _update_lag(self) -> None:
         for topic, partition in self._input.assignment():
             high = self._input.highwater(topic, partition)
-            pos = self._next.get((topic, partition))
+            pos = self._ledger.position((topic, partition))
             if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - pos))
 
@@ -494,12 +486,8 @@ class StreamJob:
                 tp = (topic, partition)
                 self._sink.remove_temp_files(topic, partition)
                 last = self._sink.last_offset(topic, partition)
-                self._pending.pop(tp, None)
-                self._durable.pop(tp, None)
-                if last is None:
-                    self._next.pop(tp, None)
-                else:
-                    self._next[tp] = last + 1
+                self._ledger.assigned(tp, None if last is None else last + 1)
+                if last is not None:
                     self._input.seek(topic, partition, last + 1)
                 self._progress[tp] = self._poll_clock
                 self._assigned_at[tp] = time.monotonic()
@@ -520,16 +508,14 @@ class StreamJob:
 
     def _discard(self, topic: str, partition: int) -> None:
         dropped = self._sink.discard(topic, partition)
-        self._pending.pop((topic, partition), None)
+        self._ledger.discard((topic, partition))
         self._buffered_rows = [row for row in self._buffered_rows if (row[0], row[1]) != (topic, partition)]
         log.warning("dropped %d in-flight rows of %s-%d; they will be redelivered", dropped, topic, partition)
 
     def _forget(self, partitions: list[TP]) -> None:
         for topic, partition in partitions:
             tp = (topic, partition)
-            self._next.pop(tp, None)
-            self._durable.pop(tp, None)
-            self._pending.pop(tp, None)
+            self._ledger.forget([tp])
             self._progress.pop(tp, None)
             self._assigned_at.pop(tp, None)
             try:

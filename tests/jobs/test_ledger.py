@@ -1,0 +1,65 @@
+"""The offset ledger alone: what may be committed, without a broker."""
+
+from __future__ import annotations
+
+from nlpstream.jobs.ledger import OffsetLedger
+
+A, B = ("t", 0), ("t", 1)
+
+
+def test_nothing_is_committable_before_it_is_durable():
+    ledger = OffsetLedger()
+    assert [ledger.accept(A, o) for o in (0, 1, 2)] == [True, True, True]
+    ledger.handled(A, 2)
+    assert ledger.has_pending() and ledger.to_commit([A]) == {}
+    ledger.made_durable()
+    assert not ledger.has_pending() and ledger.to_commit([A]) == {A: 3}
+    ledger.committed({A: 3})
+    assert ledger.to_commit([A]) == {}
+
+
+def test_only_owned_partitions_are_offered_and_a_newer_durable_offset_survives_a_commit():
+    ledger = OffsetLedger()
+    ledger.handled(A, 4)
+    ledger.handled(B, 9)
+    ledger.made_durable()
+    assert ledger.to_commit([A]) == {A: 5}
+    offered = ledger.to_commit([A, B])
+    ledger.handled(A, 7)  # more arrives while the commit is in flight
+    ledger.made_durable()
+    ledger.committed(offered)
+    assert ledger.to_commit([A, B]) == {A: 8}
+
+
+def test_handled_never_moves_back():
+    ledger = OffsetLedger()
+    ledger.handled(A, 10)
+    ledger.handled(A, 3)
+    ledger.made_durable()
+    assert ledger.to_commit([A]) == {A: 11}
+
+
+def test_positions_skip_what_the_files_hold_and_runs_skip_a_prefix():
+    ledger = OffsetLedger()
+    ledger.assigned(A, 5)  # the finished files end at offset 4
+    assert [ledger.accept(A, o) for o in (3, 4, 5, 6)] == [False, False, True, True]
+    assert ledger.position(A) == 7
+    assert ledger.accept_run(A, [5, 6, 7, 8]) == 2 and ledger.position(A) == 9
+    assert ledger.accept_run(A, [1, 2]) == 2 and ledger.position(A) == 9, "a run entirely below stays skipped"
+    assert ledger.accept_run(B, [0, 1]) == 0 and ledger.position(B) == 2
+    assert ledger.accept_run(B, []) == 0
+
+
+def test_reassignment_discard_and_forget_drop_what_is_not_durable():
+    ledger = OffsetLedger()
+    ledger.handled(A, 4)
+    ledger.handled(B, 4)
+    ledger.discard(A)  # lost before its flush: redelivered, never committed
+    ledger.made_durable()
+    assert ledger.to_commit([A, B]) == {B: 5}
+    ledger.assigned(B, None)  # assigned again: resume from files and committed offsets, not from memory
+    assert ledger.to_commit([A, B]) == {} and ledger.position(B) is None
+    ledger.accept(A, 0)
+    ledger.handled(A, 0)
+    ledger.forget([A])
+    assert not ledger.has_pending() and ledger.position(A) is None

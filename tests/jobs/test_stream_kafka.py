@@ -260,3 +260,14 @@ def test_fetch_stall_rebuilds_the_consumer_and_output_stays_exact(kafka_bootstra
     pairs = list(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist()))
     assert len(pairs) == n and len(set(pairs)) == n
     assert result["summary"].labeled == n
+
+
+def test_topics_written_with_every_kafka_codec_are_read(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+    topic = make_topic(unique, partitions=1)
+    codecs = ("gzip", "lz4", "zstd", "snappy")
+    for codec in codecs:
+        produce(kafka_bootstrap, topic, json_messages(25, prefix=f"{unique}-{codec}"), compression_type=codec)
+    summary = StreamJob(config(kafka_bootstrap, topic, tmp_path, max_messages=100), engine=engine).run()
+    assert summary.labeled == 100 and summary.dead_lettered == 0
+    ids = read_output(tmp_path).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"{unique}-{c}-{i}" for c in codecs for i in range(25))

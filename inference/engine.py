@@ -20,6 +20,7 @@ start-up (:class:`AgreementError` below ``min_agreement``).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import queue
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from importlib import resources
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from nlpstream.inference import metrics
@@ -88,6 +90,15 @@ def precision_mode(precision: str, device: str, openvino: bool, openvino_int8: b
     if precision == "auto":
         return "openvino-int8" if openvino_int8 else "torch-fp32"
     return "torch-fp32"
+
+
+def pad_batch(seqs: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded int64 ``(input_ids, attention_mask)`` of ``seqs`` (each at most ``width`` long)."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    mask = np.arange(width, dtype=np.int64)[None, :] < lengths[:, None]
+    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    input_ids[mask] = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(input_ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def _cc(capability: tuple[int, int] | None) -> str:
@@ -398,15 +409,8 @@ class Engine:
         return [None if i in bad else [s / (weights[i] or 1.0) for s in sums[i]] for i in range(len(texts))], bad
 
     def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        pad_id = self.bundle.tokenizer.pad_token_id or 0
-        width = batch.padded_length
-        input_ids = torch.full((len(batch.indices), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch.indices), width), dtype=torch.long)
-        for row, idx in enumerate(batch.indices):
-            seq = ids[idx]
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return input_ids, mask
+        """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""
+        return pad_batch([ids[i] for i in batch.indices], batch.padded_length, self.bundle.tokenizer.pad_token_id or 0)
 
     def _forward(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return replica.runner(input_ids, mask)

@@ -242,9 +242,21 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results here.")] = None,
     baselines: Annotated[bool, typer.Option(help="Run transformers.pipeline, ONNX Runtime and OpenVINO too.")] = True,
     memory_loop: Annotated[int, typer.Option(help="Also classify this many fresh texts and report resident memory.")] = 0,
+    pipeline: Annotated[bool, typer.Option("--pipeline", help="Measure the stream job's host path on a real broker instead.")] = False,
+    bootstrap_servers: Annotated[Optional[str], typer.Option(help="--pipeline: broker to use (default: start a local one).")] = None,
+    messages: Annotated[int, typer.Option(help="--pipeline: messages on the bench topic.")] = 200_000,
+    model_messages: Annotated[int, typer.Option(help="--pipeline: messages for the builtin-model run (0 skips it).")] = 3000,
 ) -> None:
-    """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), or measure GPUs."""
+    """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), measure GPUs,
+    or (--pipeline) the stream job's host path against a bare consumer."""
     logging.basicConfig(level=logging.WARNING)
+    if pipeline:
+        from nlpstream.jobs.pipeline_bench import run_pipeline_bench
+
+        out = run_pipeline_bench(bootstrap_servers, messages, model_messages=model_messages, echo=typer.echo)
+        if json_out is not None:
+            json_out.write_text(json.dumps(out, indent=2))
+        return
     from nlpstream.inference.bench import run_bench, run_memory_loop
 
     result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,

@@ -164,13 +164,13 @@ class StreamJob:
                 now = time.monotonic()
                 self._poll_clock += now - polled_at
                 with self._lock:
-                    accepted = [r for r in records if self._accept(r)]
+                    accepted, seen = self._accept_batch(records)
                     if accepted:
                         self._handle(accepted)
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
-                        for r in records:
-                            self._progress[(r.topic, r.partition)] = self._poll_clock
+                        for tp in seen:
+                            self._progress[tp] = self._poll_clock
                     due = (now - last_flush >= cfg.output.flush_interval
                            or self._sink.buffered >= cfg.output.max_buffered_rows)
                     if due and now >= next_flush_try and self._has_pending():
@@ -317,14 +317,39 @@ class StreamJob:
         self._commit()
 
     # -- per batch ----------------------------------------------------------------
-    def _accept(self, record: InputRecord) -> bool:
-        if not self._ledger.accept((record.topic, record.partition), record.offset):
-            metrics.SKIPPED.labels(record.topic).inc()
-            self.summary.skipped += 1
-            return False
-        metrics.CONSUMED.labels(record.topic).inc()
-        self.summary.consumed += 1
-        return True
+    def _accept_batch(self, records: list[InputRecord]) -> tuple[list[InputRecord], list[TP]]:
+        """The records not yet handled nor in the files, and the partitions seen; per partition run, not per record.
+
+        Records of one partition come in ascending offsets, so what the ledger
+        skips is a prefix of each run; metrics and the summary move once per topic.
+        """
+        accepted: list[InputRecord] = []
+        consumed: Counter[str] = Counter()
+        skipped: Counter[str] = Counter()
+        seen: list[TP] = []
+        start = 0
+        while start < len(records):
+            first = records[start]
+            tp = (first.topic, first.partition)
+            end = start + 1
+            while end < len(records) and records[end].partition == first.partition and records[end].topic == first.topic:
+                end += 1
+            run = records[start:end]
+            skip = self._ledger.accept_run(tp, [r.offset for r in run])
+            accepted.extend(run[skip:] if skip else run)
+            consumed[tp[0]] += len(run) - skip
+            skipped[tp[0]] += skip
+            seen.append(tp)
+            start = end
+        for topic, n in consumed.items():
+            if n:
+                metrics.CONSUMED.labels(topic).inc(n)
+        for topic, n in skipped.items():
+            if n:
+                metrics.SKIPPED.labels(topic).inc(n)
+        self.summary.consumed += sum(consumed.values())
+        self.summary.skipped += sum(skipped.values())
+        return accepted, seen
 
     def _handle(self, records: list[InputRecord]) -> None:
         """Decode, classify, buffer rows and alerts, send dead letters; then mark the records handled.
@@ -356,7 +381,7 @@ class StreamJob:
                 event_ms = rec.timestamp_ms or processed_at
                 rows.append(OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label,
                                       result.score, event_ms, processed_at, self._engine.model_name))
-                key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None)
+                key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
                                               result.score, event_ms, None if key is None else str(key)))
             self._sink.write(rows)
@@ -367,8 +392,11 @@ class StreamJob:
             for sink in self._alert_sinks:
                 sink.write(alerts)
             self._alerts_pending += len(alerts)
-        for record in records:
-            self._ledger.handled((record.topic, record.partition), record.offset)
+        last: dict[TP, int] = {}
+        for record in records:  # ascending per partition: the last one is the highest
+            last[(record.topic, record.partition)] = record.offset
+        for tp, offset in last.items():
+            self._ledger.handled(tp, offset)
 
     def _classify_batch(self, texts: list[str]) -> list[Prediction | BaseException]:
         metrics.BATCH_TEXTS.observe(len(texts))
@@ -428,10 +456,11 @@ class StreamJob:
             log.warning("flush failed, will retry without committing: %s", exc)
             return False
         now_ms = time.time() * 1000
-        for topic, _, event_ms, label in self._buffered_rows:
-            self.summary.labels[label] += 1
-            metrics.LABELED.labels(topic).inc()
-            metrics.END_TO_END_SECONDS.observe(max(0.0, (now_ms - event_ms) / 1000))
+        rows = self._buffered_rows
+        self.summary.labels.update(row[3] for row in rows)
+        for topic, n in Counter(row[0] for row in rows).items():
+            metrics.LABELED.labels(topic).inc(n)
+        metrics.observe_many(metrics.END_TO_END_SECONDS, [max(0.0, (now_ms - row[2]) / 1000) for row in rows])
         for topic, reason in self._dlq_pending:
             metrics.DEAD_LETTERED.labels(topic, reason).inc()
         self.summary.labeled += len(self._buffered_rows)

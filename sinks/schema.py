@@ -6,6 +6,7 @@ Files hold the columns below; ``topic`` and ``date`` are hive folder keys
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +32,13 @@ class OutputRow:
     @property
     def date(self) -> str:
         """The hive ``date`` key: the UTC day of the event time."""
-        return datetime.fromtimestamp(self.event_time_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+        return utc_day(self.event_time_ms // 86_400_000)
+
+
+@functools.lru_cache(maxsize=4096)
+def utc_day(day_number: int) -> str:
+    """``YYYY-MM-DD`` of a day counted from the Unix epoch (one strftime per day, not per row)."""
+    return datetime.fromtimestamp(day_number * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 _TS = pa.timestamp("ms", tz="UTC")

@@ -70,3 +70,17 @@ def test_token_budget_adapts_only_with_a_target():
     assert adaptive.value == 16384
     with pytest.raises(ValueError):
         TokenBudget(10, target_latency_ms=0)
+
+
+def test_pad_batch_matches_a_row_by_row_padding():
+    import torch
+
+    from nlpstream.inference.engine import pad_batch
+
+    seqs = [[101, 5, 6, 102], [101, 7, 102], [101, 102]]
+    ids, mask = pad_batch(seqs, 5, 0)
+    assert ids.dtype == torch.long and mask.dtype == torch.long and ids.shape == (3, 5)
+    assert ids.tolist() == [[101, 5, 6, 102, 0], [101, 7, 102, 0, 0], [101, 102, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    empty_ids, empty_mask = pad_batch([[]], 1, 3)
+    assert empty_ids.tolist() == [[3]] and empty_mask.tolist() == [[0]]

@@ -63,3 +63,25 @@ def test_reassignment_discard_and_forget_drop_what_is_not_durable():
     ledger.handled(A, 0)
     ledger.forget([A])
     assert not ledger.has_pending() and ledger.position(A) is None
+
+
+def test_observe_many_equals_one_observe_per_value():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from nlpstream.jobs.metrics import observe_many
+
+    registry = CollectorRegistry()
+    buckets = (0.1, 0.5, 1.0, 5.0)
+    one = Histogram("one_by_one", "x", buckets=buckets, registry=registry)
+    bulk = Histogram("in_bulk", "x", buckets=buckets, registry=registry)
+    values = [0.0, 0.1, 0.1000001, 0.3, 0.5, 0.99, 1.0, 4.0, 7.5, 120.0]
+    for v in values:
+        one.observe(v)
+    observe_many(bulk, values)
+    observe_many(bulk, [])
+
+    def samples(name):
+        return [(s.name.replace(name, ""), s.labels.get("le"), s.value)
+                for m in registry.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")]
+
+    assert samples("one_by_one") == samples("in_bulk")

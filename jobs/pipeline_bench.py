@@ -1,0 +1,250 @@
+"""``nlpstream bench --pipeline``: the host path of the stream job, side by side in one run.
+
+On one topic of JSON messages on a real broker (the local launcher unless
+``--bootstrap-servers`` names one), measured in the same run:
+
+1. a bare confluent-kafka consumer reading the topic (the ceiling of the
+   client side);
+2. the stream job with an *instant* engine (labels without computing):
+   everything the job does besides inference;
+3. the stream job with a *simulated device* that sleeps ``len(texts) / D``
+   seconds per call (sleeping releases the GIL, as a GPU does), ``D`` set to
+   ``device_share`` (0.6) of the instant rate: the share of time the device is
+   kept busy;
+4. the engine with an instant runner beside the tokenizer alone, on the same
+   texts (the engine's host side);
+5. with ``model_messages`` > 0: the stream job with the builtin model on CPU
+   against that engine alone on the same texts.
+
+Rates are counted from the first to the last call into the engine, so
+consumer-group start-up is not part of them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nlpstream.inference import Prediction
+
+_PRED = Prediction(label="neutral", score=1.0, probs={"neutral": 1.0})
+
+
+class StandInEngine:
+    """Answers every text with one label; sleeps ``seconds_per_text`` per text to stand in for a device."""
+
+    model_name = "stand-in"
+
+    def __init__(self, seconds_per_text: float = 0.0) -> None:
+        self.seconds_per_text = seconds_per_text
+        self.texts = 0
+        self.busy_s = 0.0
+        self.first: float | None = None
+        self.last = 0.0
+        self._lock = threading.Lock()
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        start = time.perf_counter()
+        if self.seconds_per_text:
+            time.sleep(len(texts) * self.seconds_per_text)
+        end = time.perf_counter()
+        with self._lock:
+            self.first = start if self.first is None else self.first
+            self.last = end
+            self.texts += len(texts)
+            self.busy_s += end - start
+        return [_PRED] * len(texts)
+
+    def close(self) -> None:
+        pass
+
+    def rate(self) -> float:
+        window = self.last - (self.first or self.last)
+        return self.texts / window if window > 0 else 0.0
+
+    def utilisation(self) -> float:
+        window = self.last - (self.first or self.last)
+        return self.busy_s / window if window > 0 else 0.0
+
+
+class _TimedEngine:
+    """Wraps a real engine to time the window between its first and last call."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.model_name = inner.model_name
+        self.first: float | None = None
+        self.last = 0.0
+        self.texts = 0
+
+    def classify_each(self, texts: list[str]) -> list[Any]:
+        start = time.perf_counter()
+        out = self.inner.classify_each(texts)
+        self.first = start if self.first is None else self.first
+        self.last = time.perf_counter()
+        self.texts += len(texts)
+        return out
+
+    def classify(self, texts: list[str]) -> list[Any]:
+        return self.inner.classify(texts)
+
+    def close(self) -> None:
+        pass
+
+
+def _texts(n: int) -> list[str]:
+    from nlpstream.inference.bench import make_corpus
+
+    base = make_corpus(min(n, 5000))
+    return [base[i % len(base)] + ("" if i < len(base) else f" #{i}") for i in range(n)]
+
+
+def _produce(bootstrap: str, topic: str, texts: list[str], partitions: int) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        fut.result(30)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1 << 20,
+                         "compression.type": "lz4", "acks": "all"})
+    for i, text in enumerate(texts):
+        value = json.dumps({"id": f"m{i}", "text": text}).encode()
+        while True:
+            try:
+                producer.produce(topic, value=value, key=f"k{i}".encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 10000 == 0:
+            producer.poll(0)
+    if producer.flush(120) != 0:
+        raise RuntimeError("the bench producer could not deliver every message")
+
+
+def _bare_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    seen, first, deadline = 0, None, time.monotonic() + 300
+    try:
+        while seen < n and time.monotonic() < deadline:
+            batch = consumer.consume(num_messages=10000, timeout=1.0)
+            got = [m for m in batch if m.error() is None]
+            if got and first is None:
+                first = time.perf_counter()
+            seen += len(got)
+        end = time.perf_counter()
+    finally:
+        consumer.close()
+    return seen / (end - first) if first and end > first else 0.0
+
+
+def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path) -> Any:
+    from nlpstream.jobs.config import StreamConfig, load_config
+    from nlpstream.jobs.stream import StreamJob
+
+    cfg = load_config(StreamConfig, None, {
+        "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}",
+        "output.output": str(out), "max_messages": n, "idle_timeout": 60.0})
+    cfg.metrics.metrics_port = None
+    return StreamJob(cfg, engine=engine).run()
+
+
+def _engine_host_side(texts: list[str]) -> dict[str, float]:
+    import torch
+
+    from nlpstream.inference.engine import Engine
+    from nlpstream.inference.model import load_model
+
+    class InstantRunner:
+        name, concurrency = "instant", 1
+
+        def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return torch.full((input_ids.shape[0], 3), 1 / 3)
+
+    bundle = load_model("builtin:sentiment")
+    with Engine(bundle, ["cpu"], "fp32", cache_entries=0, min_agreement=0,
+                runner_factory=lambda mode, device: InstantRunner()) as engine:
+        engine.classify(texts[:512])
+        start = time.perf_counter()
+        engine.classify(texts)
+        engine_s = time.perf_counter() - start
+    start = time.perf_counter()
+    bundle.tokenizer(texts, truncation=True, max_length=bundle.max_length)
+    tok_s = time.perf_counter() - start
+    return {"engine_instant_runner_texts_per_s": round(len(texts) / engine_s, 1),
+            "tokenizer_texts_per_s": round(len(texts) / tok_s, 1),
+            "engine_vs_tokenizer": round(tok_s / engine_s, 3)}
+
+
+def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, partitions: int = 6,
+                       device_share: float = 0.6, model_messages: int = 3000,
+                       echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the measurements above in one go; returns the figures and ratios (see the module docstring)."""
+    broker_dir = None
+    if bootstrap is None:
+        from nlpstream.consumers import kafka_local
+
+        broker_dir = tempfile.mkdtemp(prefix="nlpstream-bench-broker-")
+        bootstrap = kafka_local.start(broker_dir, port=0, timeout_s=120).bootstrap_servers
+    result: dict[str, Any] = {"messages": messages, "partitions": partitions}
+    try:
+        texts = _texts(messages)
+        topic = f"bench-{uuid.uuid4().hex[:8]}"
+        _produce(bootstrap, topic, texts, partitions)
+        result["bare_confluent_consumer_msgs_per_s"] = round(_bare_consumer_rate(bootstrap, topic, messages), 1)
+        echo(f"  bare confluent-kafka consumer        {result['bare_confluent_consumer_msgs_per_s']:>10.1f} msg/s")
+        with tempfile.TemporaryDirectory() as tmp:
+            instant = StandInEngine()
+            _run_job(bootstrap, topic, messages, instant, Path(tmp) / "instant")
+            result["job_instant_engine_msgs_per_s"] = round(instant.rate(), 1)
+            result["job_instant_vs_bare_consumer"] = round(instant.rate() / result["bare_confluent_consumer_msgs_per_s"], 3)
+            echo(f"  stream job, instant engine          {instant.rate():>10.1f} msg/s "
+                 f"({result['job_instant_vs_bare_consumer']}x the bare consumer)")
+            device_rate = device_share * instant.rate()
+            device = StandInEngine(seconds_per_text=1.0 / device_rate)
+            _run_job(bootstrap, topic, messages, device, Path(tmp) / "device")
+            result["simulated_device_texts_per_s"] = round(device_rate, 1)
+            result["simulated_device_busy_share"] = round(device.utilisation(), 3)
+            echo(f"  stream job, device at {device_rate:.0f} texts/s     busy {device.utilisation():.1%} of the time")
+        host = _engine_host_side(texts[: min(len(texts), 50_000)])
+        result.update(host)
+        echo(f"  engine, instant runner              {host['engine_instant_runner_texts_per_s']:>10.1f} texts/s "
+             f"({host['engine_vs_tokenizer']}x the tokenizer's {host['tokenizer_texts_per_s']:.1f})")
+        if model_messages:
+            result.update(_model_on_cpu(bootstrap, texts[:model_messages], echo))
+    finally:
+        if broker_dir is not None:
+            from nlpstream.consumers import kafka_local
+
+            kafka_local.stop(broker_dir)
+    return result
+
+
+def _model_on_cpu(bootstrap: str, texts: list[str], echo: Callable[[str], None]) -> dict[str, float]:
+    from nlpstream.inference import load_engine
+
+    topic = f"bench-model-{uuid.uuid4().hex[:8]}"
+    _produce(bootstrap, topic, texts, 3)
+    with load_engine("builtin:sentiment", "cpu", "auto", cache_entries=0) as engine:
+        engine.classify(texts[:256])
+        start = time.perf_counter()
+        engine.classify(texts)
+        alone = len(texts) / (time.perf_counter() - start)
+        timed = _TimedEngine(engine)
+        with tempfile.TemporaryDirectory() as tmp:
+            _run_job(bootstrap, topic, len(texts), timed, Path(tmp))
+        in_job = timed.texts / (timed.last - timed.first) if timed.first and timed.last > timed.first else 0.0
+    echo(f"  builtin model on CPU: stream job {in_job:.1f} msg/s, engine alone {alone:.1f} texts/s "
+         f"({in_job / alone:.2f}x)")
+    return {"model_engine_alone_texts_per_s": round(alone, 1), "model_job_msgs_per_s": round(in_job, 1),
+            "model_job_vs_engine": round(in_job / alone, 3)}

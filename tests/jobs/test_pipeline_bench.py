@@ -1,0 +1,21 @@
+"""``nlpstream bench --pipeline`` end to end on the test broker, small sizes (figures are for the bench, not asserted)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlpstream.jobs.pipeline_bench import run_pipeline_bench
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+
+
+def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
+    out = run_pipeline_bench(kafka_bootstrap, messages=3000, partitions=3, model_messages=120, echo=print)
+    for key in ("bare_confluent_consumer_msgs_per_s", "job_instant_engine_msgs_per_s", "simulated_device_texts_per_s",
+                "engine_instant_runner_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
+                "model_job_msgs_per_s"):
+        assert out[key] > 0, key
+    assert 0 < out["simulated_device_busy_share"] <= 1.05
+    assert out["simulated_device_texts_per_s"] == pytest.approx(0.6 * out["job_instant_engine_msgs_per_s"], rel=0.01)
+    assert 0 < out["job_instant_vs_bare_consumer"] == pytest.approx(
+        out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], rel=0.01)

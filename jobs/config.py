@@ -165,6 +165,9 @@ class StreamConfig(_BaseJobConfig):
     stall_timeout: float = Field(300.0, gt=0, description=(
         "Liveness: when one loop round takes longer, dump every thread's stack and exit with code 75 "
         "so the supervisor restarts the worker (safe: output resumes from the files)."))
+    pipeline_depth: int = Field(1, ge=0, le=8, description=(
+        "Micro-batches classified ahead on a worker thread while the loop polls, decodes and writes "
+        "(0: one batch at a time). Commits still wait until the rows are durable."))
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":

@@ -22,11 +22,13 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers.records import DecodedText
 from nlpstream.consumers.client_config import ConnectionSettings, connect_error
 from nlpstream.consumers.errors import KafkaUnavailableError
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
@@ -63,6 +65,17 @@ class StreamSummary:
         return self.labeled / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass
+class _Batch:
+    """One micro-batch between decoding and being handled: its classification may still be running."""
+
+    records: list[InputRecord]
+    good: list[DecodedText]
+    undecodable: list[tuple[InputRecord, DecodeError]]
+    future: Future[list[Prediction | BaseException]] | None = None
+    results: list[Prediction | BaseException] | None = None
+
+
 def connection_settings(config: StreamConfig) -> ConnectionSettings:
     """Connection settings for kafka-python clients, secrets resolved at the last moment."""
     k = config.kafka
@@ -95,6 +108,9 @@ class StreamJob:
         self._lock = threading.RLock()
         self._decode = DecodeSettings(config.input.input_format, config.input.text_field, config.input.id_field)
         self._ledger = OffsetLedger()  # handled -> durable -> committed per partition
+        self._in_flight: deque[_Batch] = deque()  # decoded, classification submitted, not yet handled (in order)
+        self._classifier: ThreadPoolExecutor | None = None
+        self._fatal: BaseException | None = None  # raised in a rebalance callback (the client swallows those)
         self._buffered_rows: list[tuple[str, int, int, str]] = []  # (topic, partition, event ms, label) not yet durable
         self._dlq_pending: list[tuple[str, str]] = []  # (topic, reason)
         self._alerts_pending = 0
@@ -150,6 +166,8 @@ class StreamJob:
             group_instance_id=cfg.kafka.group_instance_id,
         )
         self._settings, self._conn = settings, conn
+        if cfg.pipeline_depth > 0:
+            self._classifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-classify")
         self._input = KafkaInput(conn, settings, self._on_assigned, self._on_revoked, self._on_lost)
         last_flush = last_input = time.monotonic()
         backoff = 0.0
@@ -163,10 +181,13 @@ class StreamJob:
                 records = self._input.poll(timeout_s=0.5, max_records=cfg.kafka.max_poll_records)
                 now = time.monotonic()
                 self._poll_clock += now - polled_at
+                if self._fatal is not None:
+                    raise self._fatal
                 with self._lock:
                     accepted, seen = self._accept_batch(records)
                     if accepted:
-                        self._handle(accepted)
+                        self._enqueue(accepted)
+                    self._finish_ready()
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
                         for tp in seen:
@@ -193,10 +214,11 @@ class StreamJob:
                     break
             self._final_flush()
         except DeviceError as exc:
-            # No device is live: nothing of the batch in hand was written, dead-lettered or committed.
+            # No device is live: nothing of the batches in hand was written, dead-lettered or committed.
             # What earlier batches handled is made durable and committed; the rest is redelivered.
             log.error("no inference device is live (%s); stopping after making earlier batches durable, "
-                      "without dead-lettering or committing the batch in hand", exc)
+                      "without dead-lettering or committing the batches in hand", exc)
+            self._in_flight.clear()
             self._final_flush()
             raise
         finally:
@@ -215,7 +237,7 @@ class StreamJob:
         new, so an unknown end offset does not hold the timer back.)
         """
         assigned = self._input.assignment()
-        if not assigned:
+        if not assigned or self._in_flight:
             return 0.0
         for topic, partition in assigned:
             high = self._input.highwater(topic, partition)
@@ -269,6 +291,7 @@ class StreamJob:
     def _rebuild_input(self) -> None:
         """Make what is in hand durable, commit it, leave the group and join again with a new consumer."""
         with self._lock:
+            self._drain()
             if self._has_pending() and not self._flush():
                 for topic, partition in self._input.assignment():
                     self._discard(topic, partition)
@@ -301,7 +324,10 @@ class StreamJob:
                 os._exit(STALL_EXIT_CODE)
 
     def _final_flush(self) -> None:
-        """Flush what is in hand, retrying with backoff for a while; then commit."""
+        """Handle the batches in flight, flush what is in hand, retrying with backoff for a while; then commit."""
+        with self._lock:
+            while self._in_flight:
+                self._finish(self._in_flight.popleft())
         deadline = time.monotonic() + 60.0
         delay = 0.5
         while True:
@@ -351,11 +377,13 @@ class StreamJob:
         self.summary.skipped += sum(skipped.values())
         return accepted, seen
 
-    def _handle(self, records: list[InputRecord]) -> None:
-        """Decode, classify, buffer rows and alerts, send dead letters; then mark the records handled.
+    def _enqueue(self, records: list[InputRecord]) -> None:
+        """Decode a micro-batch and start its classification; handle the oldest batches beyond the pipeline depth.
 
-        Classification runs before any dead letter of the batch is sent, so a
-        DeviceError (no device live) leaves nothing of this batch behind.
+        With ``pipeline_depth`` N, up to N batches are classified on the
+        worker thread while this thread polls, decodes and writes; batches are
+        handled strictly in order, so offsets become handled in order too.
+        Caller holds the lock.
         """
         good = []
         undecodable: list[tuple[InputRecord, DecodeError]] = []
@@ -364,7 +392,49 @@ class StreamJob:
                 good.append(decode_record(record, self._decode))
             except DecodeError as exc:
                 undecodable.append((record, exc))
-        results = self._classify_batch([d.text for d in good]) if good else []
+        batch = _Batch(records, good, undecodable)
+        texts = [d.text for d in good]
+        if not good:
+            batch.results = []
+        elif self._classifier is None:
+            batch.results = self._classify_batch(texts)
+        else:
+            batch.future = self._classifier.submit(self._classify_batch, texts)
+        self._in_flight.append(batch)
+        depth = self.config.pipeline_depth
+        while len(self._in_flight) > depth:
+            self._finish(self._in_flight.popleft())
+
+    def _finish_ready(self) -> None:
+        """Handle, in order, the batches whose classification is done (never waits)."""
+        while self._in_flight and (self._in_flight[0].future is None or self._in_flight[0].future.done()):
+            self._finish(self._in_flight.popleft())
+
+    def _drain(self) -> None:
+        """Handle every batch in flight, waiting for their classification (rebalance, rebuild).
+
+        Called inside rebalance callbacks, whose exceptions the client only
+        logs: a failure is kept in ``_fatal`` (the loop raises it after poll),
+        and the batches not handled are dropped (never committed, so redelivered).
+        """
+        try:
+            while self._in_flight:
+                self._finish(self._in_flight.popleft())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the loop
+            self._in_flight.clear()
+            self._fatal = exc
+
+    def _finish(self, batch: _Batch) -> None:
+        """Buffer rows and alerts and send dead letters of one classified batch; then mark its records handled.
+
+        Classification ran before any dead letter of the batch is sent, so a
+        DeviceError (no device live) leaves nothing of this batch behind.
+        """
+        records, good, undecodable = batch.records, batch.good, batch.undecodable
+        if batch.future is not None:
+            results = batch.future.result()
+        else:
+            results = batch.results or []
         for record, exc in undecodable:
             self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
         if good:
@@ -511,6 +581,7 @@ class StreamJob:
     # -- rebalance callbacks (kafka-python IO thread, main loop inside poll) ---------
     def _on_assigned(self, partitions: list[TP]) -> None:
         with self._lock:
+            self._drain()
             for topic, partition in partitions:
                 tp = (topic, partition)
                 self._sink.remove_temp_files(topic, partition)
@@ -524,6 +595,7 @@ class StreamJob:
 
     def _on_revoked(self, partitions: list[TP]) -> None:
         with self._lock:
+            self._drain()  # what was polled before the rebalance is handled and flushed with the rest
             if self._has_pending() and not self._flush():
                 for topic, partition in partitions:
                     self._discard(topic, partition)
@@ -531,6 +603,7 @@ class StreamJob:
 
     def _on_lost(self, partitions: list[TP]) -> None:
         with self._lock:
+            self._drain()
             for topic, partition in partitions:
                 self._discard(topic, partition)
             self._forget(partitions)
@@ -553,6 +626,8 @@ class StreamJob:
                 pass
 
     def _close(self) -> None:
+        if self._classifier is not None:
+            self._classifier.shutdown(wait=False, cancel_futures=True)
         for closer in (
             getattr(self, "_input", None) and self._input.close,
             getattr(self, "_dlq", None) and self._dlq.close,

@@ -147,13 +147,13 @@ def _bare_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
     return (seen - first_count) / (end - first) if first and end > first and seen > first_count else 0.0
 
 
-def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path) -> Any:
+def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path, depth: int | None = None) -> Any:
     from nlpstream.jobs.config import StreamConfig, load_config
     from nlpstream.jobs.stream import StreamJob
 
     cfg = load_config(StreamConfig, None, {
         "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}",
-        "output.output": str(out), "max_messages": n, "idle_timeout": 60.0})
+        "output.output": str(out), "max_messages": n, "idle_timeout": 60.0, "pipeline_depth": depth})
     cfg.metrics.metrics_port = None
     return StreamJob(cfg, engine=engine).run()
 
@@ -182,8 +182,16 @@ def _engine_host_side(texts: list[str]) -> dict[str, float]:
     with Engine(bundle, ["cpu"], "fp32", cache_entries=0, min_agreement=0,
                 runner_factory=lambda mode, device: InstantRunner()) as engine:
         engine.classify(texts[:512])
-        bundle.tokenizer(texts[:512], truncation=True, max_length=bundle.max_length)
-        tok_s = best_of_two(lambda: bundle.tokenizer(texts, truncation=True, max_length=bundle.max_length))
+        backend = engine._backend
+
+        def tokenize() -> Any:  # the tokenizer's own batch encode of the same texts, as the engine truncates them
+            if backend is not None:
+                return backend.encode_batch(texts, add_special_tokens=True)
+            return bundle.tokenizer(texts, truncation=True, max_length=bundle.max_length, add_special_tokens=True,
+                                    return_attention_mask=False, return_token_type_ids=False)
+
+        tokenize()
+        tok_s = best_of_two(tokenize)
         engine_s = best_of_two(lambda: engine.classify(texts))
     return {"engine_instant_runner_texts_per_s": round(len(texts) / engine_s, 1),
             "tokenizer_texts_per_s": round(len(texts) / tok_s, 1),
@@ -215,11 +223,13 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
             echo(f"  stream job, instant engine          {instant.rate():>10.1f} msg/s "
                  f"({result['job_instant_vs_bare_consumer']}x the bare consumer)")
             device_rate = device_share * instant.rate()
-            device = StandInEngine(seconds_per_text=1.0 / device_rate)
-            _run_job(bootstrap, topic, messages, device, Path(tmp) / "device")
             result["simulated_device_texts_per_s"] = round(device_rate, 1)
-            result["simulated_device_busy_share"] = round(device.utilisation(), 3)
-            echo(f"  stream job, device at {device_rate:.0f} texts/s     busy {device.utilisation():.1%} of the time")
+            for depth, key in ((0, "simulated_device_busy_share_unpipelined"), (None, "simulated_device_busy_share")):
+                device = StandInEngine(seconds_per_text=1.0 / device_rate)
+                _run_job(bootstrap, topic, messages, device, Path(tmp) / f"device-{depth}", depth=depth)
+                result[key] = round(device.utilisation(), 3)
+                echo(f"  stream job, device at {device_rate:.0f} texts/s, pipeline_depth "
+                     f"{'0' if depth == 0 else 'default'}: busy {device.utilisation():.1%} of the time")
         host = _engine_host_side(texts[: min(len(texts), 50_000)])
         result.update(host)
         echo(f"  engine, instant runner              {host['engine_instant_runner_texts_per_s']:>10.1f} texts/s "

@@ -200,3 +200,15 @@ def test_hf_directory_loads_and_unsafe_ones_are_refused(tmp_path):
 
     with pytest.raises(ModelLoadError):
         load_engine(str(tmp_path / "does-not-exist-anywhere"), devices="cpu")
+
+
+def test_direct_tokenizer_backend_gives_the_transformers_ids(engine):
+    from nlpstream.inference.bench import make_corpus
+
+    assert engine._backend is not None
+    texts = make_corpus(300, seed=5) + ["", " ", "😀🎉 مرحبا \x00 nul", "word " * 2000, "Ünïcödé façade naïve"]
+    expected = [list(x) for x in engine.bundle.tokenizer(
+        texts, truncation=True, max_length=engine.max_length, add_special_tokens=True,
+        return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
+    assert engine.tokenize(texts) == expected
+    assert max(len(x) for x in expected) == engine.max_length

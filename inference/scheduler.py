@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,6 +57,7 @@ _DRAIN_S = 120.0
 MAX_BACKOFF_S = 60.0
 MIN_TOKEN_CAP = 256
 Pad = Callable[[list[list[int]], Batch], tuple[torch.Tensor, torch.Tensor]]
+Running = dict["Future[_Outcome]", tuple["Replica", "_Work | None", float]]  # future -> (replica, work or probe, start)
 Forward = Callable[["Replica", torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -82,7 +82,6 @@ class Replica:
     busy_s: float = 0.0  # device seconds spent on successful batches (bench)
     padded_tokens: int = 0
     real_tokens: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -122,7 +121,6 @@ class Scheduler:
         self.attempt_timeout_s = attempt_timeout_s
         self._last_pick = -1
         self._returned: queue.SimpleQueue[Replica] = queue.SimpleQueue()  # hung calls that came back at last
-        self._started: dict[Future[_Outcome], float] = {}
         for r in replicas:
             metrics.REPLICA_UP.labels(r.name).set(1)
 
@@ -130,15 +128,15 @@ class Scheduler:
     def run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
         """Probabilities per item of ``ids`` (None where it failed) and ``{index: reason}`` of failed items.
 
-        An item fails only when it failed alone, twice, on replicas whose probe
-        passed. Raises DeviceError when no replica is live (nothing is left
+        An item fails only when it failed alone three times on replicas whose
+        probe passed (see the module docstring). Raises DeviceError when no replica is live (nothing is left
         running then).
         """
         lengths = [len(x) for x in ids]
         pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size))]
         results: list[list[float] | None] = [None] * len(ids)
         failures: dict[int, str] = {}
-        running: dict[Future[_Outcome], tuple[Replica, _Work | None]] = {}
+        running: Running = {}
         try:
             while pending or running:
                 self._collect_returned()
@@ -152,8 +150,7 @@ class Scheduler:
                 done, _ = wait(list(running), timeout=min(_WAIT_STEP_S, self.attempt_timeout_s),
                                return_when=FIRST_COMPLETED)
                 for fut in done:
-                    replica, work = running.pop(fut)
-                    self._started.pop(fut, None)
+                    replica, work, _ = running.pop(fut)
                     replica.in_flight -= 1
                     self._settle(replica, work, fut, lengths, pending, results, failures)
                 self._abandon_hung(running, pending)
@@ -161,9 +158,6 @@ class Scheduler:
             self._drain(running)
             metrics.QUEUE_DEPTH.set(0)
         return results, failures
-
-    def live(self) -> list[Replica]:
-        return [r for r in self.replicas if r.alive]
 
     def close(self) -> None:
         """Stop the workers; waits for them unless a replica still has a hung call."""
@@ -185,8 +179,7 @@ class Scheduler:
         self._last_pick = i
         return replica
 
-    def _dispatch(self, ids: list[list[int]], lengths: list[int], pending: list[_Work],
-                  running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+    def _dispatch(self, ids: list[list[int]], lengths: list[int], pending: list[_Work], running: Running) -> None:
         while pending:
             replica = self._pick(pending[-1].avoid)
             if replica is None or replica.in_flight >= replica.concurrency + 1:
@@ -200,29 +193,26 @@ class Scheduler:
             metrics.BATCH_TEXTS.observe(len(work.batch.indices))
             metrics.BATCH_TOKENS.observe(work.batch.padded_tokens)
             metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
-            replica.in_flight += 1
-            try:
-                fut = replica.executor.submit(self._attempt, replica, input_ids, mask)
-            except BaseException:
-                replica.in_flight -= 1
-                raise
-            running[fut] = (replica, work)
-            self._started[fut] = time.monotonic()
+            self._submit(running, replica, work, self._attempt, replica, input_ids, mask)
 
-    def _probe_due(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+    def _probe_due(self, running: Running) -> None:
         """Send a probe to each down replica whose backoff has passed and that has nothing in flight."""
         now = time.monotonic()
         for replica in self.replicas:
-            if replica.alive or replica.in_flight or now < replica.retry_at:
-                continue
-            replica.in_flight += 1
-            try:
-                fut = replica.executor.submit(self._probe_outcome, replica)
-            except BaseException:
-                replica.in_flight -= 1
-                raise
-            running[fut] = (replica, None)
-            self._started[fut] = time.monotonic()
+            if not (replica.alive or replica.in_flight or now < replica.retry_at):
+                self._submit(running, replica, None, self._probe_outcome, replica)
+
+    @staticmethod
+    def _submit(running: Running, replica: Replica, work: _Work | None, fn: Callable[..., _Outcome],
+                *args: object) -> None:
+        """Run ``fn(*args)`` on ``replica``'s worker, counted in its ``in_flight`` until collected."""
+        replica.in_flight += 1
+        try:
+            fut = replica.executor.submit(fn, *args)
+        except BaseException:
+            replica.in_flight -= 1
+            raise
+        running[fut] = (replica, work, time.monotonic())
 
     # -- on the replica's worker thread ------------------------------------------
     def _attempt(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> _Outcome:
@@ -373,12 +363,11 @@ class Scheduler:
     def _states(self) -> str:
         return ", ".join(f"{r.name} {'up' if r.alive else 'down'}" for r in self.replicas)
 
-    def _abandon_hung(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]],
-                      pending: list[_Work]) -> None:
+    def _abandon_hung(self, running: Running, pending: list[_Work]) -> None:
         """Take out replicas whose call has run past ``attempt_timeout_s``; their batches rerun elsewhere."""
         now = time.monotonic()
-        for fut in [f for f in running if now - self._started.get(f, now) > self.attempt_timeout_s]:
-            replica, work = running.pop(fut)
+        for fut in [f for f, (_, _, started) in running.items() if now - started > self.attempt_timeout_s]:
+            replica, work, _ = running.pop(fut)
             self._orphan(fut, replica)
             metrics.DEVICE_FAILURES.labels(replica.name, "timeout").inc()
             self._take_down(replica, f"a call did not return within {self.attempt_timeout_s:.3g}s")
@@ -388,7 +377,6 @@ class Scheduler:
 
     def _orphan(self, fut: Future[_Outcome], replica: Replica) -> None:
         """Stop waiting for ``fut``; its replica counts it in flight until it returns (then collected)."""
-        self._started.pop(fut, None)
         fut.add_done_callback(lambda _f, r=replica: self._returned.put(r))
 
     def _collect_returned(self) -> None:
@@ -399,7 +387,7 @@ class Scheduler:
                 return
             replica.in_flight -= 1
 
-    def _drain(self, running: dict[Future[_Outcome], tuple[Replica, _Work | None]]) -> None:
+    def _drain(self, running: Running) -> None:
         """Collect whatever is still in flight (after an exception) so every counter returns to zero.
 
         A call still running after ``_DRAIN_S`` is orphaned: its replica counts
@@ -409,12 +397,11 @@ class Scheduler:
             return
         done, _ = wait(list(running), timeout=_DRAIN_S)
         for fut in list(running):
-            replica, work = running.pop(fut)
+            replica, work, _ = running.pop(fut)
             if fut not in done:
                 log.error("a call on %s still running after %.0fs is left to finish on its own", replica.name, _DRAIN_S)
                 self._orphan(fut, replica)
                 continue
-            self._started.pop(fut, None)
             replica.in_flight -= 1
             if work is None:
                 try:

@@ -68,9 +68,6 @@ class OffsetLedger:
         """True while something handled is not yet durable."""
         return bool(self._handled)
 
-    def pending(self) -> dict[TP, int]:
-        return dict(self._handled)
-
     def made_durable(self) -> None:
         """Everything handled so far is durable now (the sinks' flush returned)."""
         self._durable.update(self._handled)

@@ -72,8 +72,7 @@ class _Batch:
     records: list[InputRecord]
     good: list[DecodedText]
     undecodable: list[tuple[InputRecord, DecodeError]]
-    future: Future[list[Prediction | BaseException]] | None = None
-    results: list[Prediction | BaseException] | None = None
+    results: Future[list[Prediction | BaseException]]  # already done when classified on the loop's thread
 
 
 def connection_settings(config: StreamConfig) -> ConnectionSettings:
@@ -326,8 +325,7 @@ class StreamJob:
     def _final_flush(self) -> None:
         """Handle the batches in flight, flush what is in hand, retrying with backoff for a while; then commit."""
         with self._lock:
-            while self._in_flight:
-                self._finish(self._in_flight.popleft())
+            self._finish_all()
         deadline = time.monotonic() + 60.0
         delay = 0.5
         while True:
@@ -392,22 +390,19 @@ class StreamJob:
                 good.append(decode_record(record, self._decode))
             except DecodeError as exc:
                 undecodable.append((record, exc))
-        batch = _Batch(records, good, undecodable)
         texts = [d.text for d in good]
-        if not good:
-            batch.results = []
-        elif self._classifier is None:
-            batch.results = self._classify_batch(texts)
+        if good and self._classifier is not None:
+            results = self._classifier.submit(self._classify_batch, texts)
         else:
-            batch.future = self._classifier.submit(self._classify_batch, texts)
-        self._in_flight.append(batch)
-        depth = self.config.pipeline_depth
-        while len(self._in_flight) > depth:
+            results = Future()
+            results.set_result(self._classify_batch(texts) if good else [])
+        self._in_flight.append(_Batch(records, good, undecodable, results))
+        while len(self._in_flight) > self.config.pipeline_depth:
             self._finish(self._in_flight.popleft())
 
     def _finish_ready(self) -> None:
         """Handle, in order, the batches whose classification is done (never waits)."""
-        while self._in_flight and (self._in_flight[0].future is None or self._in_flight[0].future.done()):
+        while self._in_flight and self._in_flight[0].results.done():
             self._finish(self._in_flight.popleft())
 
     def _drain(self) -> None:
@@ -418,11 +413,15 @@ class StreamJob:
         and the batches not handled are dropped (never committed, so redelivered).
         """
         try:
-            while self._in_flight:
-                self._finish(self._in_flight.popleft())
+            self._finish_all()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the loop
             self._in_flight.clear()
             self._fatal = exc
+
+    def _finish_all(self) -> None:
+        """Handle every batch in flight, in order, waiting for their classification."""
+        while self._in_flight:
+            self._finish(self._in_flight.popleft())
 
     def _finish(self, batch: _Batch) -> None:
         """Buffer rows and alerts and send dead letters of one classified batch; then mark its records handled.
@@ -431,10 +430,7 @@ class StreamJob:
         DeviceError (no device live) leaves nothing of this batch behind.
         """
         records, good, undecodable = batch.records, batch.good, batch.undecodable
-        if batch.future is not None:
-            results = batch.future.result()
-        else:
-            results = batch.results or []
+        results = batch.results.result()
         for record, exc in undecodable:
             self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
         if good:

@@ -53,3 +53,71 @@ def connect_error(connection: ConnectionSettings, exc: BaseException) -> str:
         message += ("; the TLS handshake failed: check ssl_cafile (the CA of the brokers' certificates) and, "
                     "when the brokers require client certificates, ssl_certfile/ssl_keyfile/ssl_password")
     return message
+
+
+def wait_for_kafka(connection: ConnectionSettings, timeout_s: float, log: Any = None) -> None:
+    """Return once a client can bootstrap from the brokers; retry with backoff for up to ``timeout_s``.
+
+    Only "cannot reach a broker" is retried (the brokers may still be
+    starting); a refused TLS handshake or SASL login fails at once. Raises
+    KafkaUnavailableError when the time is up.
+    """
+    import logging
+    import time
+
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NoBrokersAvailable
+
+    from nlpstream.consumers.errors import KafkaUnavailableError
+
+    log = log or logging.getLogger(__name__)
+    deadline = time.monotonic() + timeout_s
+    delay, attempt = 1.0, 0
+    while True:
+        attempt += 1
+        try:
+            KafkaConsumer(**connection.kafka_kwargs(), enable_auto_commit=False).close()
+            if attempt > 1:
+                log.info("Kafka at %s answers (attempt %d)", connection.bootstrap_servers, attempt)
+            return
+        except (NoBrokersAvailable, KafkaConnectionError, KafkaTimeoutError, ConnectionError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KafkaUnavailableError(f"{connect_error(connection, exc)} (waited {timeout_s:.0f}s, "
+                                            f"{attempt} attempts; kafka.startup_timeout sets how long)") from exc
+            wait = min(delay, left)
+            log.info("waiting for Kafka at %s: %s; retrying in %.0fs (attempt %d, giving up in %.0fs)",
+                     connection.bootstrap_servers, type(exc).__name__, wait, attempt, left)
+            time.sleep(wait)
+            delay = min(delay * 2, 15.0)
+        except (KafkaError, OSError) as exc:  # TLS refused, SASL login failed: waiting would not help
+            raise KafkaUnavailableError(connect_error(connection, exc)) from exc
+
+
+class _CreatedOnFirstUse:
+    """Drops kafka-python's ERROR "Topic X not found in cluster metadata" for topics the job creates by writing."""
+
+    def __init__(self, topics: set[str]) -> None:
+        self.topics = topics
+
+    def filter(self, record: Any) -> bool:
+        return not (record.msg == "Topic %s not found in cluster metadata" and record.args
+                    and record.args[0] in self.topics)
+
+
+_created = _CreatedOnFirstUse(set())
+
+
+def quiet_topic_creation(topics: Any) -> None:
+    """A topic the job writes to (dead letters, alerts) and the broker creates on first use is no error.
+
+    kafka-python logs that normal event at ERROR on the ``kafka.cluster``
+    logger; for these topics it is dropped (a topic that cannot be created
+    still fails the send, which the job reports).
+    """
+    import logging
+
+    _created.topics.update(t for t in topics if t)
+    logger = logging.getLogger("kafka.cluster")
+    if _created not in logger.filters:
+        logger.addFilter(_created)

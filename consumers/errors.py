@@ -7,6 +7,10 @@ class ConsumerError(Exception):
     recoverable: bool = False
 
 
+DECODE_KINDS = ("empty_value", "invalid_utf8", "blank_text", "malformed_json", "not_an_object", "missing_text",
+                "text_not_string")
+
+
 class DecodeError(ConsumerError):
     """A record cannot be turned into text; it belongs in the dead-letter topic.
 

@@ -136,7 +136,7 @@ class KafkaInput:
         try:
             self._consumer.commit(payload)
         except CommitFailedError as exc:
-            log.warning("offset commit refused after a rebalance: %s", exc)
+            log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): %s", exc)
             return False
         except KafkaError as exc:
             raise ConsumerError(f"offset commit failed: {exc}") from exc
@@ -145,6 +145,30 @@ class KafkaInput:
     def committed(self, topic: str, partition: int) -> int | None:
         """The group's committed offset for a partition (network call; not from callbacks)."""
         return self._consumer.committed(TopicPartition(topic, partition))
+
+    def committed_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int | None]:
+        """The group's committed offsets (None: never committed); raises KafkaError after ``timeout_s``.
+
+        A network call: the main loop's, never a rebalance callback's.
+        """
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        found = self._consumer._coordinator.fetch_committed_offsets(tps, timeout_ms=int(timeout_s * 1000))
+        return {(tp.topic, tp.partition): (found[tp].offset if tp in found and found[tp].offset >= 0 else None)
+                for tp in tps}
+
+    def beginning_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
+        """Log start offsets from the brokers; raises KafkaError (KafkaTimeoutError) after ``timeout_s``."""
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if hasattr(fetcher, "beginning_offsets"):
+            offsets = fetcher.beginning_offsets(tps, int(timeout_s * 1000))
+        else:
+            offsets = self._consumer.beginning_offsets(tps)
+        return {(tp.topic, tp.partition): off for tp, off in offsets.items()}
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """Last known end offset of an assigned partition, or None before the first fetch."""

@@ -167,6 +167,9 @@ class Engine:
         self.max_batch_delay_ms = max_batch_delay_ms
         self.budget = TokenBudget(max_batch_tokens, target_latency_ms)
         self.cache = PredictionCache(bundle.name, cache_entries, cache_bytes)
+        if self.cache.enabled:  # both series exist at 0 from start-up
+            metrics.CACHE_REQUESTS.labels("hit")
+            metrics.CACHE_REQUESTS.labels("miss")
         self._call_lock = threading.Lock()
         self._collector: _Collector | None = None
         self._runner_factory = runner_factory or self._make_runner

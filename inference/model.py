@@ -107,6 +107,11 @@ def load_hf_model(spec: str) -> ModelBundle:
             source, trust_remote_code=False, use_safetensors=True
         )
     except (OSError, ValueError, KeyError) as exc:
+        if not path.is_dir():  # a hub id: the hub's own message talks about repo ids and connections
+            from nlpstream.inference.preflight import MODEL_CHOICES
+
+            raise ModelLoadError(f"model {spec!r} is not a local directory, not in the local Hugging Face cache, "
+                                 f"and could not be downloaded ({type(exc).__name__}); {MODEL_CHOICES}") from exc
         raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from exc
     model.eval()
     id2label = getattr(model.config, "id2label", None) or {}

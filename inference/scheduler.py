@@ -121,8 +121,13 @@ class Scheduler:
         self.attempt_timeout_s = attempt_timeout_s
         self._last_pick = -1
         self._returned: queue.SimpleQueue[Replica] = queue.SimpleQueue()  # hung calls that came back at last
-        for r in replicas:
+        for r in replicas:  # every series with known labels exists from start-up, at 0
             metrics.REPLICA_UP.labels(r.name).set(1)
+            metrics.BATCH_SECONDS.labels(r.name)
+            for kind in ("error", "nonfinite", "oom"):
+                metrics.DEVICE_FAILURES.labels(r.name, kind)
+        for reason in ("retry", "split", "device"):
+            metrics.BATCH_RETRIES.labels(reason)
 
     # -- public ---------------------------------------------------------------
     def run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:

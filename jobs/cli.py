@@ -35,6 +35,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _model_error(exc: Exception) -> None:
+    """A model, device or precision mistake (or an engine that cannot start): one line, exit 1."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1) from None
+
+
+def _preflight(model: str, devices: str, precision: str) -> None:
+    """Check the model, device and precision choice before anything heavy is loaded."""
+    from nlpstream.inference import InferenceError
+    from nlpstream.inference.preflight import check_engine_options
+
+    try:
+        check_engine_options(model, devices, precision)
+    except InferenceError as exc:
+        _model_error(exc)
+
+
 @app.command()
 def stream(
     config: ConfigOpt = None,
@@ -86,21 +103,22 @@ def stream(
     from nlpstream.jobs.metrics import MetricsPortError
     from nlpstream.inference import InferenceError, NoLiveDeviceError
     from nlpstream.jobs.stream import DEVICE_EXIT_CODE, StreamJob
+    from nlpstream.sinks import SinkError
 
+    _preflight(cfg.model.model, cfg.model.devices, cfg.model.precision)
     job = StreamJob(cfg, hard_backstop=True)
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
     signal.signal(signal.SIGINT, lambda *_: job.stop())
     try:
         summary = job.run()
-    except (ConsumerError, MetricsPortError) as exc:  # brokers unreachable (address, TLS, SASL), port taken
+    except (ConsumerError, MetricsPortError, SinkError) as exc:  # brokers unreachable, port taken, output unusable
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except NoLiveDeviceError as exc:  # devices stopped answering while running: restart me
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(DEVICE_EXIT_CODE) from None
     except InferenceError as exc:  # at start-up: model, device spec, precision or fp32 agreement; a restart won't help
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _model_error(exc)
     logging.getLogger("nlpstream").info(
         "stopped: consumed=%d labeled=%d dead_lettered=%d skipped=%d alerts=%d files=%d",
         summary.consumed, summary.labeled, summary.dead_lettered, summary.skipped, summary.alerts, len(summary.files),
@@ -123,7 +141,7 @@ def backfill(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from nlpstream.inference import load_engine
+    from nlpstream.inference import InferenceError, load_engine
     from nlpstream.jobs.backfill import BackfillError, run_backfill
 
     try:
@@ -136,8 +154,20 @@ def backfill(
     missing = [str(p) for p in input if not p.exists()]
     if missing:
         _fail(f"input not found: {', '.join(missing)}")
+    from nlpstream.sinks import SinkError, check_output
+
+    try:
+        check_output(cfg.output.output)
+    except SinkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _preflight(cfg.model.model, cfg.model.devices, cfg.model.precision)
     console = Console(stderr=True)
-    with load_engine(**cfg.model.engine_options()) as engine:
+    try:
+        engine = load_engine(**cfg.model.engine_options())
+    except InferenceError as exc:
+        _model_error(exc)
+    with engine:
         with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as progress:
             try:
@@ -161,12 +191,18 @@ def classify(
     probs: Annotated[bool, typer.Option(help="Include per-label probabilities.")] = False,
 ) -> None:
     """Label lines from a file or stdin and print JSON lines."""
-    from nlpstream.inference import load_engine
+    from nlpstream.inference import InferenceError, load_engine
 
+    spec = (model or "builtin:sentiment", devices or "auto", precision or "auto")
+    _preflight(*spec)
     source = file.open(encoding="utf-8") if file else sys.stdin
     lines = [line.rstrip("\n") for line in source]
     texts = [t for t in lines if t.strip()]
-    with load_engine(model or "builtin:sentiment", devices or "auto", precision or "auto") as engine:
+    try:
+        engine = load_engine(*spec)
+    except InferenceError as exc:
+        _model_error(exc)
+    with engine:
         preds = engine.classify_each(texts)
     for text, pred in zip(texts, preds):
         if isinstance(pred, Exception):  # the model fails on this text alone: say so on its line
@@ -191,6 +227,7 @@ def demo(
     logging.getLogger().setLevel(logging.WARNING)
     from nlpstream.jobs.demo import run_demo
 
+    _preflight("builtin:sentiment", devices or "auto", "auto")
     run_demo(messages=messages, output=output, data_dir=data_dir, keep_broker=keep_broker, devices=devices or "auto")
 
 
@@ -259,6 +296,7 @@ def bench(
         return
     from nlpstream.inference.bench import run_bench, run_memory_loop
 
+    _preflight(model or "builtin:sentiment", devices, precision or "auto")
     result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
                        include_pipeline=baselines, echo=typer.echo, warmup=warmup, precision=precision or "auto",
                        peak_tflops=peak_tflops)

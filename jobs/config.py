@@ -41,6 +41,8 @@ class KafkaConfig(_Section):
     fetch_stall_timeout: float = Field(120.0, gt=0, description=(
         "Seconds an assigned partition may hold unread records without giving one before the consumer "
         "is rebuilt (guards against client-side fetch stalls)."))
+    startup_timeout: float = Field(120.0, ge=0, description=(
+        "Seconds to wait for the brokers at start-up (retried with backoff) before giving up; 0: one try."))
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

@@ -27,11 +27,41 @@ END_TO_END_SECONDS = Histogram(
     "nlpstream_end_to_end_seconds", "From the record's Kafka timestamp to its row being durable.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
 )
-CONSUMER_LAG = Gauge("nlpstream_consumer_lag", "Records behind the partition's end offset.", ["topic", "partition"])
+CONSUMER_LAG = Gauge("nlpstream_consumer_lag",
+                     "Records between this consumer's position and the partition's end offset (fetched, not yet durable "
+                     "records do not count).", ["topic", "partition"])
+COMMITTED_LAG = Gauge("nlpstream_consumer_committed_lag",
+                      "Records between the group's committed offset and the partition's end offset: what Kafka's "
+                      "consumer-group tool and KEDA report; it stays up while nothing becomes durable.",
+                      ["topic", "partition"])
 COMMITS = Counter("nlpstream_offset_commits_total", "Offset commits by outcome.", ["outcome"])
 FETCH_STALLS = Counter("nlpstream_fetch_stalls_total",
                        "Consumers rebuilt because assigned partitions held records that were not fetched.")
 SINK_RETRIES = Counter("nlpstream_sink_retries_total", "Flushes retried after a sink or DLQ failure.")
+
+
+ALERT_KINDS = ("message", "window")
+COMMIT_OUTCOMES = ("ok", "error", "rebalanced")
+
+
+def init_series(topics: Sequence[str], dead_letter_reasons: Sequence[str]) -> None:
+    """Create every counter series whose label values are known up front, at 0.
+
+    Prometheus sees a labeled series only from its first sample: a counter
+    created at its first increment hides that increment from ``rate()`` and
+    ``increase()``, and rules over a series that does not exist return
+    nothing. Idempotent.
+    """
+    for topic in topics:
+        CONSUMED.labels(topic)
+        LABELED.labels(topic)
+        SKIPPED.labels(topic)
+        for reason in dead_letter_reasons:
+            DEAD_LETTERED.labels(topic, reason)
+    for kind in ALERT_KINDS:
+        ALERTED.labels(kind)
+    for outcome in COMMIT_OUTCOMES:
+        COMMITS.labels(outcome)
 
 
 def serve_metrics(host: str, port: int) -> int:

@@ -29,21 +29,25 @@ from typing import Any
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
 from nlpstream.consumers.records import DecodedText
-from nlpstream.consumers.client_config import ConnectionSettings, connect_error
-from nlpstream.consumers.errors import KafkaUnavailableError
+from nlpstream.consumers.client_config import (ConnectionSettings, connect_error, quiet_topic_creation,
+                                                wait_for_kafka)
+from nlpstream.consumers.errors import DECODE_KINDS, KafkaUnavailableError
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
 from nlpstream.consumers.kafka_input import ConsumerSettings, KafkaInput
 from nlpstream.inference import DeviceError, Engine, Prediction, load_engine
+from nlpstream.inference.preflight import check_engine_options
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.config import StreamConfig
 from nlpstream.jobs.ledger import OffsetLedger
-from nlpstream.sinks import AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError, WebhookAlertSink
+from nlpstream.sinks import (AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
+                             WebhookAlertSink, check_output)
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
 _MAX_BACKOFF_S = 30.0
 STALL_EXIT_CODE = 75  # EX_TEMPFAIL: restart me
+DEAD_LETTER_REASONS = (*DECODE_KINDS, "inference")  # the ``reason`` label of nlpstream_messages_dead_lettered_total
 DEVICE_EXIT_CODE = 69  # EX_UNAVAILABLE: no inference device answers any more; nothing was dead-lettered for it
 
 
@@ -117,11 +121,16 @@ class StreamJob:
         self.metrics_port: int | None = None
         self._rules = AlertRules(config.alerts)
         self._paused = False
+        self._flush_failing_since: float | None = None  # monotonic start of a sink outage (one WARNING each)
         # fetch-stall guard, on a clock that only runs inside poll (a long batch is no stall):
         self._poll_clock = 0.0  # seconds spent in poll so far
         self._progress: dict[TP, float] = {}  # poll clock when each partition was assigned or last gave a record
         self._next_fetch_check = 0.0
         self._assigned_at: dict[TP, float] = {}  # monotonic time of each partition's assignment (idle timeout)
+        # committed offsets, for the committed-lag gauge and the resume commit (network reads: main loop only)
+        self._resume_at: dict[TP, int | None] = {}  # assigned, committed offset not read yet: where the files end
+        self._committed: dict[TP, int] = {}  # the group's committed offset (or, before any commit, where we started)
+        self._next_committed_read = 0.0
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -132,12 +141,19 @@ class StreamJob:
     def run(self) -> StreamSummary:
         cfg = self.config
         started = time.monotonic()
+        metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
         if cfg.metrics.metrics_port is not None:
             self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
+        # cheap checks first: a mistake costs one line, not a model load or a wait for Kafka
+        check_output(cfg.output.output)
+        if self._engine is None:
+            check_engine_options(**cfg.model.engine_options())
+        conn = connection_settings(cfg)
+        quiet_topic_creation([cfg.dlq_topic(), cfg.alerts.alert_topic])
+        wait_for_kafka(conn, cfg.kafka.startup_timeout, log)
         if self._engine is None:
             self._engine = load_engine(**cfg.model.engine_options())
-        conn = connection_settings(cfg)
         self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
                                  cfg.output.compression, skip_written=cfg.output.skip_written)
         self._dlq = DeadLetterQueue(conn, cfg.dlq_topic())
@@ -203,6 +219,8 @@ class StreamJob:
                         last_flush = now
                     self._apply_backpressure()
                 self._commit()
+                if self._resume_at and now >= self._next_committed_read:
+                    self._settle_assigned(now)
                 self._update_lag()
                 if now >= self._next_fetch_check:
                     self._next_fetch_check = now + min(5.0, cfg.kafka.fetch_stall_timeout / 4)
@@ -519,8 +537,15 @@ class StreamJob:
                 sink.flush()
         except (DeadLetterError, SinkError) as exc:
             metrics.SINK_RETRIES.inc()
-            log.warning("flush failed, will retry without committing: %s", exc)
+            if self._flush_failing_since is None:  # one WARNING per outage, the retries at DEBUG
+                self._flush_failing_since = time.monotonic()
+                log.warning("flush failed, retrying with backoff and committing nothing until it succeeds: %s", exc)
+            else:
+                log.debug("flush failed again: %s", exc)
             return False
+        if self._flush_failing_since is not None:
+            log.info("flush succeeded again after %.0fs of failures", time.monotonic() - self._flush_failing_since)
+            self._flush_failing_since = None
         now_ms = time.time() * 1000
         rows = self._buffered_rows
         self.summary.labels.update(row[3] for row in rows)
@@ -554,6 +579,67 @@ class StreamJob:
         metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
         with self._lock:
             self._ledger.committed(offsets)
+            if ok:
+                self._committed.update(offsets)
+
+    def _settle_assigned(self, now: float) -> None:
+        """Read the group's committed offsets of newly assigned partitions; commit where the files are ahead.
+
+        After a resume from files (a reset group, a new group over the same
+        output) the job seeks past what the files hold; committing that
+        position at once keeps the group's committed lag true even when no new
+        record arrives. Before a partition's first commit, committed lag is
+        measured from where consumption starts (the log start offset with
+        ``auto_offset_reset=earliest``, else the end offset now). Failures are
+        retried a few seconds later.
+        """
+        with self._lock:
+            waiting = dict(self._resume_at)
+        try:
+            found = self._input.committed_offsets(waiting)
+            no_commit = [tp for tp in waiting if found.get(tp) is None and waiting[tp] is None]
+            starts: dict[TP, int] = {}
+            if no_commit:
+                reset = self._input.beginning_offsets if self.config.kafka.auto_offset_reset == "earliest" \
+                    else self._input.end_offsets
+                starts = reset(no_commit)
+        except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports it; read again later
+            log.debug("committed offsets unavailable: %s", exc)
+            self._next_committed_read = now + 5.0
+            return
+        to_commit: dict[TP, int] = {}
+        with self._lock:
+            owned = set(self._input.assignment())
+            for tp, resume in waiting.items():
+                if tp not in owned or self._resume_at.get(tp, -1) != resume:
+                    continue  # revoked or reassigned meanwhile: the next assignment reads again
+                del self._resume_at[tp]
+                known = max(found.get(tp) or -1, self._committed.get(tp, -1))
+                if resume is not None and resume > known:
+                    to_commit[tp] = resume
+                elif known >= 0:
+                    self._committed[tp] = known
+                elif tp in starts:
+                    self._committed[tp] = starts[tp]
+        if not to_commit:
+            return
+        try:
+            ok = self._input.commit(to_commit)
+        except Exception as exc:  # noqa: BLE001 - retried with the next read
+            metrics.COMMITS.labels("error").inc()
+            log.warning("committing the resume positions from the files failed, will retry: %s", exc)
+            with self._lock:
+                for tp, resume in to_commit.items():
+                    self._resume_at.setdefault(tp, resume)
+            self._next_committed_read = now + 5.0
+            return
+        metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
+        if ok:
+            with self._lock:
+                for tp, off in to_commit.items():
+                    self._committed[tp] = max(off, self._committed.get(tp, -1))
+            log.info("committed the positions the files end at (resume): %s",
+                     ", ".join(f"{t}-{p}@{o}" for (t, p), o in sorted(to_commit.items())))
 
     def _apply_backpressure(self) -> None:
         limit = self.config.output.max_buffered_rows * 2
@@ -573,6 +659,9 @@ class StreamJob:
             pos = self._ledger.position((topic, partition))
             if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - pos))
+            committed = self._committed.get((topic, partition))
+            if high is not None and committed is not None:
+                metrics.COMMITTED_LAG.labels(topic, str(partition)).set(max(0, high - committed))
 
     # -- rebalance callbacks (kafka-python IO thread, main loop inside poll) ---------
     def _on_assigned(self, partitions: list[TP]) -> None:
@@ -583,6 +672,9 @@ class StreamJob:
                 self._sink.remove_temp_files(topic, partition)
                 last = self._sink.last_offset(topic, partition)
                 self._ledger.assigned(tp, None if last is None else last + 1)
+                self._resume_at[tp] = None if last is None else last + 1
+                self._committed.pop(tp, None)
+                self._next_committed_read = 0.0
                 if last is not None:
                     self._input.seek(topic, partition, last + 1)
                 self._progress[tp] = self._poll_clock
@@ -608,7 +700,9 @@ class StreamJob:
         dropped = self._sink.discard(topic, partition)
         self._ledger.discard((topic, partition))
         self._buffered_rows = [row for row in self._buffered_rows if (row[0], row[1]) != (topic, partition)]
-        log.warning("dropped %d in-flight rows of %s-%d; they will be redelivered", dropped, topic, partition)
+        if dropped:
+            log.info("dropped %d rows of %s-%d that were not durable yet; they will be redelivered",
+                     dropped, topic, partition)
 
     def _forget(self, partitions: list[TP]) -> None:
         for topic, partition in partitions:
@@ -616,10 +710,13 @@ class StreamJob:
             self._ledger.forget([tp])
             self._progress.pop(tp, None)
             self._assigned_at.pop(tp, None)
-            try:
-                metrics.CONSUMER_LAG.remove(topic, str(partition))
-            except KeyError:
-                pass
+            self._resume_at.pop(tp, None)
+            self._committed.pop(tp, None)
+            for gauge in (metrics.CONSUMER_LAG, metrics.COMMITTED_LAG):
+                try:
+                    gauge.remove(topic, str(partition))
+                except KeyError:
+                    pass
 
     def _close(self) -> None:
         if self._classifier is not None:

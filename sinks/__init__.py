@@ -5,7 +5,8 @@ A sink is small: ``write(rows)``, ``flush()`` (durable on return),
 """
 
 from nlpstream.sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink, WebhookAlertSink
-from nlpstream.sinks.errors import SinkBackpressure, SinkError, SinkWriteError
+from nlpstream.sinks.check import check_output
+from nlpstream.sinks.errors import SinkBackpressure, SinkConfigError, SinkError, SinkWriteError
 from nlpstream.sinks.naming import FileKey, parse_name
 from nlpstream.sinks.parquet import ParquetSink, WrittenFile
 from nlpstream.sinks.schema import OutputRow, arrow_schema, to_table
@@ -19,11 +20,13 @@ __all__ = [
     "OutputRow",
     "ParquetSink",
     "SinkBackpressure",
+    "SinkConfigError",
     "SinkError",
     "SinkWriteError",
     "WebhookAlertSink",
     "WrittenFile",
     "arrow_schema",
+    "check_output",
     "parse_name",
     "to_table",
 ]

@@ -81,6 +81,7 @@ class FileAlertSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seen = _SeenIds()
+        metrics.ALERTS_SENT.labels("file")  # the series exists at 0 from start-up
         if self.path.exists():
             self._drop_torn_tail()
             with self.path.open(encoding="utf-8") as fh:
@@ -130,6 +131,7 @@ class KafkaAlertSink:
         self.topic = topic
         self.flush_timeout_s = flush_timeout_s
         self._seen = _SeenIds()
+        metrics.ALERTS_SENT.labels("kafka")
         self._futures: list[Any] = []
 
     def write(self, alerts: Sequence[Alert]) -> None:
@@ -173,6 +175,7 @@ class WebhookAlertSink:
         self.retries = retries
         self.backoff_s = backoff_s
         self._seen = _SeenIds()
+        metrics.ALERTS_SENT.labels("webhook")
         self._pending: list[Alert] = []
 
     def write(self, alerts: Sequence[Alert]) -> None:

@@ -7,6 +7,10 @@ class SinkError(Exception):
     recoverable: bool = False
 
 
+class SinkConfigError(SinkError):
+    """The output cannot work as configured (a missing storage package, a folder that cannot be written)."""
+
+
 class SinkWriteError(SinkError):
     """Writing failed (read-only or full disk, object store down); retry later."""
 

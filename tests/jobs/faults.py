@@ -93,6 +93,16 @@ class Supervised:
         self.proc.kill()
 
 
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int | None]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return [consumer.committed(TopicPartition(topic, p)) for p in range(partitions)]
+    finally:
+        consumer.close()
+
+
 def stream_proc(bootstrap: str, topic: str, out: Path, group: str, *extra: str, log: Path | None = None,
                 env: dict[str, str] | None = None) -> Supervised:
     cmd = [sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--bootstrap-servers", bootstrap, "--topic", topic,

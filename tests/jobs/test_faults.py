@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import json_messages, produce, read_output, read_topic
-from tests.jobs.faults import exactness, files, reap, restarts_of, rows_in, stream_proc, wait_for
+from tests.jobs.faults import committed, exactness, files, reap, restarts_of, rows_in, stream_proc, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
@@ -31,16 +31,6 @@ def _reap_jobs():
 
 def report(fault: str, times: int, messages: int, result: dict[str, int], extra: str = "") -> None:
     print(f"\nFAULT-TABLE | {fault} | {times} | {messages} | lost {result['lost']} | duplicated {result['duplicated']} {extra}")
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int | None]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return [consumer.committed(TopicPartition(topic, p)) for p in range(partitions)]
-    finally:
-        consumer.close()
 
 
 def queued_topic(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> str:
@@ -170,7 +160,9 @@ def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, 
     finally:
         _chattr("-i", *folders)
     assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert "flush failed, will retry" in log.read_text()
+    text = log.read_text()
+    assert text.count("flush failed, retrying with backoff") == 1, "one WARNING per outage, not one per retry"
+    assert "flush succeeded again after" in text
     result = exactness(out, parts, n)
     report("output folder read-only for 7.5 s", 1, n, result, f"(rows when it became read-only: {rows_at_start}; "
            f"supervisor restarts after a stall: {restarts_of(job)})")

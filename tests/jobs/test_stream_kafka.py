@@ -271,3 +271,80 @@ def test_topics_written_with_every_kafka_codec_are_read(kafka_bootstrap, make_to
     assert summary.labeled == 100 and summary.dead_lettered == 0
     ids = read_output(tmp_path).column("id").to_pylist()
     assert sorted(ids) == sorted(f"{unique}-{c}-{i}" for c in codecs for i in range(25))
+
+
+def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_bootstrap, make_topic, unique,
+                                                                          tmp_path, engine):
+    """A new group over an output that already holds everything: it commits where the files end, with no new traffic.
+
+    Before, nothing was committed for partitions that got no new record, so
+    the group's lag (what KEDA scales on) stayed up for good. Every counter
+    with a known label exists at 0 from start-up.
+    """
+    from tests.jobs.faults import committed
+
+    topic = make_topic(unique, partitions=3)
+    n = 90
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    first = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=3.0, group=f"{unique}-a"), engine=engine)
+    assert first.run().labeled == n
+    ends = committed(kafka_bootstrap, f"{unique}-a", topic, 3)
+    assert sum(ends) == n
+
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0),
+                    engine=engine)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while committed(kafka_bootstrap, f"{unique}-b", topic, 3) != ends and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert committed(kafka_bootstrap, f"{unique}-b", topic, 3) == ends  # without any new record
+        lag_keys = [f'nlpstream_consumer_committed_lag{{partition="{p}",topic="{topic}"}}' for p in range(3)]
+        while time.monotonic() < deadline:
+            live = scrape(job.metrics_port)
+            if all(k in live for k in lag_keys):
+                break
+            time.sleep(0.2)
+        assert [live[k] for k in lag_keys] == [0.0, 0.0, 0.0]
+        # counters with known labels exist at 0 before anything happens to them
+        assert live[f'nlpstream_messages_labeled_total{{topic="{topic}"}}'] == n  # the first job's (one registry)
+        assert live[f'nlpstream_messages_skipped_total{{topic="{topic}"}}'] == 0.0
+        assert live[f'nlpstream_messages_dead_lettered_total{{reason="malformed_json",topic="{topic}"}}'] == 0.0
+        assert live[f'nlpstream_messages_dead_lettered_total{{reason="inference",topic="{topic}"}}'] == 0.0
+        assert live['nlpstream_messages_alerted_total{kind="window"}'] >= 0.0
+        assert live['nlpstream_offset_commits_total{outcome="error"}'] >= 0.0
+    finally:
+        job.stop()
+        runner.join(timeout=60)
+    assert result["summary"].labeled == 0 and read_output(tmp_path).num_rows == n
+    # a stuck sink is no longer invisible: a fresh record, the output folder immutable, committed lag shows it
+    produce(kafka_bootstrap, topic, json_messages(3, prefix=f"{unique}-new"))
+    out_files = sorted({p.parent for p in tmp_path.rglob("*.parquet")} | {tmp_path / f"topic={topic}"})
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0),
+                    engine=engine)
+    runner = threading.Thread(target=job.run)
+    lag_keys = [f'nlpstream_consumer_committed_lag{{partition="{p}",topic="{topic}"}}' for p in range(3)]
+    pos_keys = [f'nlpstream_consumer_lag{{partition="{p}",topic="{topic}"}}' for p in range(3)]
+    subprocess.run(["chattr", "+i", *map(str, out_files)], check=True)
+    try:
+        runner.start()
+        deadline = time.monotonic() + 60
+        seen = None
+        while time.monotonic() < deadline:
+            if job.metrics_port is not None:
+                live = scrape(job.metrics_port)
+                if (all(k in live for k in lag_keys + pos_keys) and sum(live[k] for k in pos_keys) == 0
+                        and sum(live[k] for k in lag_keys) == 3):
+                    seen = live
+                    break
+            time.sleep(0.2)
+        assert seen is not None, "committed lag did not show the 3 records the stuck sink holds"
+        assert seen[f'nlpstream_messages_consumed_total{{topic="{topic}"}}'] == n + 3
+        assert seen[f'nlpstream_messages_labeled_total{{topic="{topic}"}}'] == n  # none of the 3 (one registry)
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, out_files)], check=True)
+        job.stop()
+        runner.join(timeout=90)
+    assert read_output(tmp_path).num_rows == n + 3

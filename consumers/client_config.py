@@ -83,8 +83,12 @@ def wait_for_kafka(connection: ConnectionSettings, timeout_s: float, log: Any = 
         except (NoBrokersAvailable, KafkaConnectionError, KafkaTimeoutError, ConnectionError) as exc:
             left = deadline - time.monotonic()
             if left <= 0:
+                hint = ""
+                if connection.security_protocol != "PLAINTEXT":
+                    hint = (f"; with {connection.security_protocol}, also check that the listener speaks that "
+                            "protocol (a TLS or SASL mismatch looks like an unreachable broker)")
                 raise KafkaUnavailableError(f"{connect_error(connection, exc)} (waited {timeout_s:.0f}s, "
-                                            f"{attempt} attempts; kafka.startup_timeout sets how long)") from exc
+                                            f"{attempt} attempts; kafka.startup_timeout sets how long){hint}") from exc
             wait = min(delay, left)
             log.info("waiting for Kafka at %s: %s; retrying in %.0fs (attempt %d, giving up in %.0fs)",
                      connection.bootstrap_servers, type(exc).__name__, wait, attempt, left)
@@ -95,14 +99,19 @@ def wait_for_kafka(connection: ConnectionSettings, timeout_s: float, log: Any = 
 
 
 class _CreatedOnFirstUse:
-    """Drops kafka-python's ERROR "Topic X not found in cluster metadata" for topics the job creates by writing."""
+    """Logs kafka-python's "topic not found / not available during auto-create" at INFO for topics the job writes."""
+
+    MESSAGES = ("Topic %s not found in cluster metadata", "Topic %s is not available during auto-create initialization")
 
     def __init__(self, topics: set[str]) -> None:
         self.topics = topics
 
     def filter(self, record: Any) -> bool:
-        return not (record.msg == "Topic %s not found in cluster metadata" and record.args
-                    and record.args[0] in self.topics)
+        import logging
+
+        if record.msg in self.MESSAGES and record.args and record.args[0] in self.topics:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 _created = _CreatedOnFirstUse(set())
@@ -111,9 +120,9 @@ _created = _CreatedOnFirstUse(set())
 def quiet_topic_creation(topics: Any) -> None:
     """A topic the job writes to (dead letters, alerts) and the broker creates on first use is no error.
 
-    kafka-python logs that normal event at ERROR on the ``kafka.cluster``
-    logger; for these topics it is dropped (a topic that cannot be created
-    still fails the send, which the job reports).
+    kafka-python logs that normal event at ERROR (and WARNING) on the
+    ``kafka.cluster`` logger; for these topics it is logged at INFO (a topic
+    that cannot be created still fails the send, which the job reports).
     """
     import logging
 

@@ -13,16 +13,35 @@ from typing import Any, Literal
 from nlpstream.consumers.errors import DecodeError
 from nlpstream.consumers.records import DecodedText, InputRecord
 
-InputFormat = Literal["text", "json"]
+InputFormat = Literal["text", "json", "avro", "json-schema", "protobuf"]
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeSettings:
-    """How record values are read: plain UTF-8 text or a JSON object."""
+    """How record values are read: plain UTF-8 text, a JSON object, or a schema'd record (Confluent wire format).
+
+    ``text_field`` and ``id_field`` are keys of the object or dotted paths
+    into nested objects (``body.text``); a key that itself contains dots wins.
+    ``registry`` decodes the schema'd formats (``avro``, ``json-schema``,
+    ``protobuf``) and is required for them.
+    """
 
     input_format: InputFormat = "json"
     text_field: str = "text"
     id_field: str = "id"
+    registry: Any = None  # a schema_registry.RegistryDecoder for the schema'd formats
+
+
+def field_at(obj: Any, path: str) -> Any:
+    """``obj[path]``, else the value at the dotted ``path`` through nested objects; ``_MISSING`` when absent."""
+    if isinstance(obj, dict) and path in obj:
+        return obj[path]
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
 
 
 def _fallback_id(record: InputRecord) -> str:
@@ -53,6 +72,11 @@ def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
     """
     if record.value is None or len(record.value) == 0:
         raise DecodeError("empty_value", "record value is null or empty")
+    if settings.registry is not None:
+        obj = settings.registry.decode(record.value)
+        if not isinstance(obj, dict):
+            raise DecodeError("not_an_object", f"the record is a {type(obj).__name__}, expected an object")
+        return _from_object(record, obj, settings, "record")
     try:
         raw = record.value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -67,9 +91,13 @@ def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
         raise DecodeError("malformed_json", f"value is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise DecodeError("not_an_object", f"JSON value is a {type(obj).__name__}, expected an object")
-    if settings.text_field not in obj:
-        raise DecodeError("missing_text", f"JSON object has no field {settings.text_field!r}")
-    text = obj[settings.text_field]
+    return _from_object(record, obj, settings, "JSON object")
+
+
+def _from_object(record: InputRecord, obj: dict[str, Any], settings: DecodeSettings, what: str) -> DecodedText:
+    text = field_at(obj, settings.text_field)
+    if text is _MISSING:
+        raise DecodeError("missing_text", f"{what} has no field {settings.text_field!r}")
     if not isinstance(text, str):
         raise DecodeError(
             "text_not_string",
@@ -77,7 +105,7 @@ def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
         )
     if not text.strip():
         raise DecodeError("blank_text", f"field {settings.text_field!r} is blank")
-    raw_id = obj.get(settings.id_field)
+    raw_id = field_at(obj, settings.id_field)
     if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id) != "":
         msg_id = str(raw_id)
     else:

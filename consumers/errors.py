@@ -8,7 +8,7 @@ class ConsumerError(Exception):
 
 
 DECODE_KINDS = ("empty_value", "invalid_utf8", "blank_text", "malformed_json", "not_an_object", "missing_text",
-                "text_not_string")
+                "text_not_string", "no_magic_byte", "unknown_schema_id", "schema_mismatch")
 
 
 class DecodeError(ConsumerError):
@@ -16,7 +16,9 @@ class DecodeError(ConsumerError):
 
     ``kind`` is a short stable name of the failure (``invalid_utf8``,
     ``empty_value``, ``malformed_json``, ``not_an_object``, ``missing_text``,
-    ``text_not_string``, ``blank_text``) used in DLQ headers and metrics.
+    ``text_not_string``, ``blank_text``; for the Confluent wire format also
+    ``no_magic_byte``, ``unknown_schema_id``, ``schema_mismatch``) used in DLQ
+    headers and metrics.
     """
 
     recoverable = True

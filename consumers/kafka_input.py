@@ -134,7 +134,7 @@ class KafkaInput:
             return True
         payload = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self._consumer.commit(payload)
+            self._consumer.commit(payload, timeout_ms=15_000)
         except CommitFailedError as exc:
             log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): %s", exc)
             return False

@@ -167,6 +167,7 @@ class Engine:
         self.max_batch_delay_ms = max_batch_delay_ms
         self.budget = TokenBudget(max_batch_tokens, target_latency_ms)
         self.cache = PredictionCache(bundle.name, cache_entries, cache_bytes)
+        metrics.DEVICE_FAILURES.labels("guard", "error")  # the int8 guard's failures (at 0 from start-up)
         if self.cache.enabled:  # both series exist at 0 from start-up
             metrics.CACHE_REQUESTS.labels("hit")
             metrics.CACHE_REQUESTS.labels("miss")

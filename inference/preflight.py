@@ -44,9 +44,18 @@ def check_model(spec: str) -> None:
         raise ModelLoadError(f"model {spec!r} is a file, not a model directory; {MODEL_CHOICES}")
     if _looks_like_path(spec) or not _HUB_ID.match(spec):
         raise ModelLoadError(f"model {spec!r} not found: no such directory; {MODEL_CHOICES}")
-    if hub_offline() and not in_hub_cache(spec):
+    if in_hub_cache(spec):
+        return
+    if hub_offline():
         raise ModelLoadError(f"model {spec!r} is not in the local Hugging Face cache "
                              f"({hub_cache_dir()}) and downloads are off (HF_HUB_OFFLINE=1); {MODEL_CHOICES}")
+    try:  # downloads allowed: ask the hub once, briefly, before anything waits for Kafka
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(spec, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - not found, gated, no network: it cannot be loaded now
+        raise ModelLoadError(f"model {spec!r} is not in the local Hugging Face cache ({hub_cache_dir()}) and "
+                             f"the hub did not serve it ({type(exc).__name__}); {MODEL_CHOICES}") from None
 
 
 def check_devices(spec: str) -> list[str]:
@@ -66,7 +75,7 @@ def check_precision(precision: str, devices: list[str]) -> None:
 
     from nlpstream.inference.engine import cuda_capability, precision_mode
 
-    has_ov = ovb.available()
+    has_ov = any(d.startswith("cpu") for d in devices) and ovb.available()
     for dev in dict.fromkeys(devices):
         capability = cuda_capability(torch.device(dev)) if dev.startswith("cuda") else None
         precision_mode(precision, dev, has_ov, has_ov and ovb.available(int8=True), capability)

@@ -17,6 +17,9 @@ app = typer.Typer(help="Label Kafka text streams with Transformer classifiers.",
                   pretty_exceptions_enable=False)
 kafka_app = typer.Typer(help="A real local Apache Kafka broker (KRaft) for development and tests.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka-local")
+registry_app = typer.Typer(help="A real local Schema Registry (Apicurio, Confluent-compatible API) for development and tests.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry-local")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (sections: kafka, input, model, output, alerts, metrics).")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="builtin:sentiment, a local Hugging Face directory or a cached hub id.")]
@@ -58,9 +61,10 @@ def stream(
     bootstrap_servers: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers host:port[,host:port].")] = None,
     topic: Annotated[Optional[list[str]], typer.Option("--topic", help="Topic to consume (repeatable).")] = None,
     group_id: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
-    input_format: Annotated[Optional[str], typer.Option(help="text or json.")] = None,
-    text_field: Annotated[Optional[str], typer.Option(help="JSON field with the text.")] = None,
-    id_field: Annotated[Optional[str], typer.Option(help="JSON field with the id.")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="text, json, or avro / json-schema / protobuf (Confluent wire format).")] = None,
+    schema_registry_url: Annotated[Optional[str], typer.Option(help="Schema Registry (Confluent-compatible API) of the schema'd formats.")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Field with the text; dotted path into nested objects (body.text).")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="Field with the id (dotted path too).")] = None,
     model: ModelOpt = None,
     devices: DevicesOpt = None,
     precision: PrecisionOpt = None,
@@ -86,6 +90,7 @@ def stream(
     overrides = {
         "kafka.bootstrap_servers": bootstrap_servers, "kafka.topics": topic, "kafka.group_id": group_id,
         "kafka.dlq_topic": dlq_topic, "input.input_format": input_format, "input.text_field": text_field,
+        "input.schema_registry.url": schema_registry_url,
         "input.id_field": id_field, "model.model": model, "model.devices": devices, "model.precision": precision,
         "output.output": output, "output.include_text": False if no_text else None,
         "output.flush_interval": flush_interval, "metrics.metrics_port": metrics_port,
@@ -268,6 +273,42 @@ def kafka_status(data_dir: Annotated[Path, typer.Option(help="Data folder given 
         raise typer.Exit(1)
 
 
+@registry_app.command("start")
+def registry_start(
+    port: Annotated[int, typer.Option(help="HTTP port (0 picks a free one).")] = 8081,
+    data_dir: Annotated[Path, typer.Option(help="Folder for its pid, port and log.")] = Path(".nlpstream-registry"),
+    version: Annotated[str, typer.Option(help="Apicurio Registry version (3.0.x runs on Java 17; later ones need 21).")] = "",
+) -> None:
+    """Start Apicurio Registry in the background, bound to 127.0.0.1; prints {"url": ...} once it answers."""
+    from nlpstream.consumers.registry_local import DEFAULT_REGISTRY_VERSION, RegistryLocalError, start
+
+    try:
+        info = start(data_dir, port=port, version=version or DEFAULT_REGISTRY_VERSION)
+    except RegistryLocalError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"url": info.url, "pid": info.pid, "data_dir": info.data_dir}))
+
+
+@registry_app.command("stop")
+def registry_stop(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-registry")) -> None:
+    """Stop the registry started with this data folder."""
+    from nlpstream.consumers.registry_local import stop
+
+    typer.echo("stopped" if stop(data_dir) else "not running")
+
+
+@registry_app.command("status")
+def registry_status(data_dir: Annotated[Path, typer.Option(help="Data folder given to start.")] = Path(".nlpstream-registry")) -> None:
+    """Report whether the registry of this data folder runs and answers; exit 1 when it does not."""
+    from nlpstream.consumers.registry_local import status
+
+    info, running = status(data_dir)
+    typer.echo(json.dumps({"running": running, "url": info.url if info else None, "pid": info.pid if info else None}))
+    if not running:
+        raise typer.Exit(1)
+
+
 @app.command()
 def bench(
     texts: Annotated[Optional[int], typer.Option(help="Corpus size (distinct texts); default 2000 on CPU, 100000 on GPU.")] = None,
@@ -297,9 +338,14 @@ def bench(
     from nlpstream.inference.bench import run_bench, run_memory_loop
 
     _preflight(model or "builtin:sentiment", devices, precision or "auto")
-    result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
-                       include_pipeline=baselines, echo=typer.echo, warmup=warmup, precision=precision or "auto",
-                       peak_tflops=peak_tflops)
+    from nlpstream.inference import InferenceError
+
+    try:
+        result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,
+                           include_pipeline=baselines, echo=typer.echo, warmup=warmup, precision=precision or "auto",
+                           peak_tflops=peak_tflops)
+    except InferenceError as exc:
+        _model_error(exc)
     if memory_loop:
         result["memory_loop"] = run_memory_loop(memory_loop, echo=typer.echo)
     if json_out is not None:

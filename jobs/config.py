@@ -78,12 +78,41 @@ def _secret(value: SecretStr | None, file: Path | None) -> str | None:
     return None
 
 
+class SchemaRegistryConfig(_Section):
+    """The Schema Registry of the schema'd input formats (any server with the Confluent API)."""
+
+    url: str | None = Field(None, description="Base URL of the Confluent-compatible API, e.g. http://host:8081 "
+                            "or Apicurio's http://host:8080/apis/ccompat/v7.")
+    username: str | None = Field(None, description="HTTP basic-auth user.")
+    password: SecretStr | None = Field(None, description="HTTP basic-auth password (secret).")
+    password_file: Path | None = Field(None, description="Read the basic-auth password from this file.")
+    ca_file: str | None = Field(None, description="PEM CA bundle the registry's TLS certificate is checked against.")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest wait between tries while the registry is down.")
+
+    def secret(self) -> str | None:
+        """The basic-auth password from the value or the file (never logged)."""
+        return _secret(self.password, self.password_file)
+
+
 class InputConfig(_Section):
     """How record values are decoded."""
 
-    input_format: Literal["text", "json"] = Field("json", description="Plain UTF-8 text or a JSON object.")
-    text_field: str = Field("text", description="JSON field holding the text.")
-    id_field: str = Field("id", description="JSON field holding the message id.")
+    input_format: Literal["text", "json", "avro", "json-schema", "protobuf"] = Field(
+        "json", description="Plain UTF-8 text, a JSON object, or Avro / JSON Schema / Protobuf records in the "
+        "Confluent wire format (schemas from input.schema_registry).")
+    text_field: str = Field("text", description="Field holding the text; a dotted path reaches into nested "
+                            "objects (body.text).")
+    id_field: str = Field("id", description="Field holding the message id (dotted paths too).")
+    schema_registry: SchemaRegistryConfig = Field(default_factory=SchemaRegistryConfig)
+
+    @model_validator(mode="after")
+    def _registry_needed(self) -> "InputConfig":
+        if self.input_format in ("avro", "json-schema", "protobuf") and not self.schema_registry.url:
+            raise ValueError(f"input_format {self.input_format!r} needs input.schema_registry.url "
+                             "(--schema-registry-url or NLPSTREAM_INPUT__SCHEMA_REGISTRY__URL)")
+        if self.schema_registry.password is not None and self.schema_registry.password_file is not None:
+            raise ValueError("set input.schema_registry.password or password_file, not both")
+        return self
 
 
 class ModelConfig(_Section):

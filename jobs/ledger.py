@@ -64,6 +64,10 @@ class OffsetLedger:
         if last_offset + 1 > self._handled.get(tp, 0):
             self._handled[tp] = last_offset + 1
 
+    def settled(self, tp: TP) -> bool:
+        """True when nothing of ``tp`` is handled-but-not-durable or durable-but-not-committed."""
+        return tp not in self._handled and tp not in self._durable
+
     def has_pending(self) -> bool:
         """True while something handled is not yet durable."""
         return bool(self._handled)

@@ -34,6 +34,13 @@ COMMITTED_LAG = Gauge("nlpstream_consumer_committed_lag",
                       "Records between the group's committed offset and the partition's end offset: what Kafka's "
                       "consumer-group tool and KEDA report; it stays up while nothing becomes durable.",
                       ["topic", "partition"])
+SCHEMA_REGISTRY_OUTAGE = Gauge(
+    "nlpstream_schema_registry_outage",
+    "1 while the schema registry does not answer and records with schema ids not fetched yet wait (nothing of "
+    "them is committed or dead-lettered); 0 otherwise.")
+SCHEMA_REGISTRY_ERRORS = Counter(
+    "nlpstream_schema_registry_errors_total",
+    "Schema fetches that failed because the registry did not answer, refused the credentials or failed (retried).")
 COMMITS = Counter("nlpstream_offset_commits_total", "Offset commits by outcome.", ["outcome"])
 FETCH_STALLS = Counter("nlpstream_fetch_stalls_total",
                        "Consumers rebuilt because assigned partitions held records that were not fetched.")

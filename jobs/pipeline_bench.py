@@ -198,6 +198,83 @@ def _engine_host_side(texts: list[str]) -> dict[str, float]:
             "engine_vs_tokenizer": round(tok_s / engine_s, 3)}
 
 
+class _SchemasInMemory:
+    """Serves fixed schemas by id: the decode measurement times decoding, not the registry's HTTP."""
+
+    def __init__(self, schemas: dict[int, tuple[str, str]]) -> None:
+        self.schemas = schemas
+
+    def get_schema(self, schema_id: int) -> Any:
+        from types import SimpleNamespace
+
+        text, kind = self.schemas[schema_id]
+        return SimpleNamespace(schema_str=text, schema_type=kind, references=[])
+
+
+_AVRO_SCHEMA = {"type": "record", "name": "Msg", "fields": [{"name": "id", "type": "string"},
+                                                             {"name": "text", "type": "string"}]}
+_JSON_SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}, "text": {"type": "string"}},
+                "required": ["id", "text"]}
+_PROTO = 'syntax = "proto3";\nmessage Msg { string id = 1; string text = 2; }\n'
+
+
+def decode_rates(texts: list[str]) -> dict[str, float]:
+    """Records/s of the job's decode step for JSON and for each schema'd format, on the same texts, one run.
+
+    Each format decodes the same {id, text} records with the schema already
+    fetched (as in steady state); ratios are against plain JSON.
+    """
+    import io
+    import struct
+
+    import fastavro
+    from google.protobuf import descriptor_pool, message_factory
+
+    from nlpstream.consumers import DecodeSettings, InputRecord, decode_record
+    from nlpstream.consumers.schema_registry import RegistryDecoder, _descriptor_protos
+
+    objs = [{"id": f"m{i}", "text": t} for i, t in enumerate(texts)]
+    pool = descriptor_pool.DescriptorPool()
+    for f in _descriptor_protos(3, _PROTO, []):
+        pool.Add(f)
+    proto_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("Msg"))
+    avro = fastavro.parse_schema(_AVRO_SCHEMA)
+
+    def avro_bytes(o: dict[str, str]) -> bytes:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, avro, o)
+        return buf.getvalue()
+
+    head = {i: struct.pack(">bI", 0, i) for i in (1, 2, 3)}
+    payloads = {
+        "json": [json.dumps(o).encode() for o in objs],
+        "avro": [head[1] + avro_bytes(o) for o in objs],
+        "json-schema": [head[2] + json.dumps(o).encode() for o in objs],
+        "protobuf": [head[3] + b"\x00" + proto_cls(**o).SerializeToString() for o in objs],
+    }
+    client = _SchemasInMemory({1: (json.dumps(_AVRO_SCHEMA), "AVRO"), 2: (json.dumps(_JSON_SCHEMA), "JSON"),
+                               3: (_PROTO, "PROTOBUF")})
+    out: dict[str, float] = {}
+    for fmt, values in payloads.items():
+        registry = None
+        if fmt != "json":
+            registry = RegistryDecoder(fmt, "in-memory", client=client)
+            registry.resolve(registry.unresolved(values[:1]))
+        settings = DecodeSettings(fmt, "text", "id", registry=registry)  # type: ignore[arg-type]
+        records = [InputRecord("t", 0, i, None, v, 0, ()) for i, v in enumerate(values)]
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            for r in records:
+                decode_record(r, settings)
+            best = min(best, time.perf_counter() - start)
+        out[f"decode_{fmt.replace('-', '_')}_records_per_s"] = round(len(records) / best, 1)
+    base = out["decode_json_records_per_s"]
+    for fmt in ("avro", "json_schema", "protobuf"):
+        out[f"decode_{fmt}_vs_json"] = round(out[f"decode_{fmt}_records_per_s"] / base, 3)
+    return out
+
+
 def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, partitions: int = 6,
                        device_share: float = 0.6, model_messages: int = 3000,
                        echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -234,6 +311,12 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
         result.update(host)
         echo(f"  engine, instant runner              {host['engine_instant_runner_texts_per_s']:>10.1f} texts/s "
              f"({host['engine_vs_tokenizer']}x the tokenizer's {host['tokenizer_texts_per_s']:.1f})")
+        decode = decode_rates(texts[: min(len(texts), 50_000)])
+        result.update(decode)
+        echo("  decode step (records/s, schema fetched): " + ", ".join(
+            f"{fmt} {decode[f'decode_{fmt}_records_per_s']:.0f}"
+            + ("" if fmt == "json" else f" ({decode[f'decode_{fmt}_vs_json']}x json)")
+            for fmt in ("json", "avro", "json_schema", "protobuf")))
         if model_messages:
             result.update(_model_on_cpu(bootstrap, texts[:model_messages], echo))
     finally:

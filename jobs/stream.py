@@ -34,6 +34,7 @@ from nlpstream.consumers.client_config import (ConnectionSettings, connect_error
 from nlpstream.consumers.errors import DECODE_KINDS, KafkaUnavailableError
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
 from nlpstream.consumers.kafka_input import ConsumerSettings, KafkaInput
+from nlpstream.consumers.schema_registry import REGISTRY_FORMATS, RegistryDecoder, SchemaRegistryUnavailable
 from nlpstream.inference import DeviceError, Engine, Prediction, load_engine
 from nlpstream.inference.preflight import check_engine_options
 from nlpstream.jobs import metrics
@@ -122,6 +123,12 @@ class StreamJob:
         self._rules = AlertRules(config.alerts)
         self._paused = False
         self._flush_failing_since: float | None = None  # monotonic start of a sink outage (one WARNING each)
+        # schema'd input: ids are fetched before a poll's records are accepted; an outage puts them back
+        self._registry: RegistryDecoder | None = None
+        self._registry_down_since: float | None = None
+        self._registry_retry_at = 0.0
+        self._registry_backoff = 0.0
+        self._registry_paused = False
         # fetch-stall guard, on a clock that only runs inside poll (a long batch is no stall):
         self._poll_clock = 0.0  # seconds spent in poll so far
         self._progress: dict[TP, float] = {}  # poll clock when each partition was assigned or last gave a record
@@ -131,6 +138,10 @@ class StreamJob:
         self._resume_at: dict[TP, int | None] = {}  # assigned, committed offset not read yet: where the files end
         self._committed: dict[TP, int] = {}  # the group's committed offset (or, before any commit, where we started)
         self._next_committed_read = 0.0
+        self._settle_failing_since: float | None = None
+        self._settle_warned = False
+        self._end_offsets: dict[TP, int] = {}  # read from the brokers while fetching is paused (lag stays true)
+        self._next_end_read = 0.0
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -149,6 +160,12 @@ class StreamJob:
         check_output(cfg.output.output)
         if self._engine is None:
             check_engine_options(**cfg.model.engine_options())
+        if cfg.input.input_format in REGISTRY_FORMATS:
+            sr = cfg.input.schema_registry
+            self._registry = RegistryDecoder(cfg.input.input_format, sr.url or "", sr.username, sr.secret(),
+                                             sr.ca_file)
+            self._decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field,
+                                          registry=self._registry)
         conn = connection_settings(cfg)
         quiet_topic_creation([cfg.dlq_topic(), cfg.alerts.alert_topic])
         wait_for_kafka(conn, cfg.kafka.startup_timeout, log)
@@ -198,6 +215,8 @@ class StreamJob:
                 self._poll_clock += now - polled_at
                 if self._fatal is not None:
                     raise self._fatal
+                if self._registry is not None:
+                    records = self._resolve_schemas(records, now)
                 with self._lock:
                     accepted, seen = self._accept_batch(records)
                     if accepted:
@@ -246,6 +265,62 @@ class StreamJob:
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
+    def _resolve_schemas(self, records: list[InputRecord], now: float) -> list[InputRecord]:
+        """Fetch the schema ids of a poll not seen yet; during a registry outage put the records back.
+
+        A registry that does not answer is no fault of the records: nothing
+        of them is accepted, dead-lettered or committed; their partitions
+        are sought back to the first of them and paused, and fetching
+        resumes after a backoff (0.5 s doubling to ``retry_max_s``), when the
+        ids are asked for again. One WARNING per outage, one INFO when it ends.
+        """
+        assert self._registry is not None
+        if self._registry_paused and now >= self._registry_retry_at:
+            self._registry_paused = False
+            if not self._paused:
+                self._input.resume(self._input.assignment())
+                for tp in self._input.assignment():  # paused time is no fetch stall
+                    self._progress[tp] = self._poll_clock
+        if not records:
+            return records
+        ids = self._registry.unresolved(r.value for r in records)
+        if ids:
+            try:
+                self._registry.resolve(ids)
+            except SchemaRegistryUnavailable as exc:
+                metrics.SCHEMA_REGISTRY_ERRORS.inc()
+                metrics.SCHEMA_REGISTRY_OUTAGE.set(1)
+                if self._registry_down_since is None:
+                    self._registry_down_since = now
+                    log.warning("%s; records with new schema ids wait (nothing of them is committed or "
+                                "dead-lettered), retrying with backoff", exc)
+                else:
+                    log.debug("schema registry still down: %s", exc)
+                self._registry_backoff = min(self.config.input.schema_registry.retry_max_s,
+                                             max(0.5, self._registry_backoff * 2))
+                self._registry_retry_at = now + self._registry_backoff
+                self._put_back(records)
+                return []
+        if self._registry_down_since is not None:
+            log.info("the schema registry answers again after %.0fs", now - self._registry_down_since)
+            self._registry_down_since = None
+            self._registry_backoff = 0.0
+            metrics.SCHEMA_REGISTRY_OUTAGE.set(0)
+        return records
+
+    def _put_back(self, records: list[InputRecord]) -> None:
+        """Seek each partition of ``records`` back to its first record and pause fetching until the retry."""
+        first: dict[TP, int] = {}
+        for r in records:
+            first.setdefault((r.topic, r.partition), r.offset)
+        with self._lock:
+            owned = set(self._input.assignment())
+            for (topic, partition), offset in first.items():
+                if (topic, partition) in owned:
+                    self._input.seek(topic, partition, offset)
+            self._input.pause(owned)
+            self._registry_paused = True
+
     def _idle_for(self, now: float, last_input: float) -> float:
         """Seconds without input since the last record or assignment; 0 while a partition is known to hold more.
 
@@ -278,7 +353,7 @@ class StreamJob:
         logic makes the replay exact.
         """
         limit, now = self.config.kafka.fetch_stall_timeout, self._poll_clock
-        if self._paused:
+        if self._paused or self._registry_paused:
             return
         quiet = [tp for tp in self._input.assignment() if now - self._progress.setdefault(tp, now) >= limit]
         if not quiet:
@@ -356,6 +431,8 @@ class StreamJob:
                 break
             time.sleep(delay)
             delay = min(_MAX_BACKOFF_S, delay * 2)
+        if self._resume_at:  # stopped before the resume positions were committed
+            self._settle_assigned(time.monotonic())
         self._commit()
 
     # -- per batch ----------------------------------------------------------------
@@ -568,6 +645,7 @@ class StreamJob:
         with self._lock:
             owned = set(self._input.assignment())
             offsets = self._ledger.to_commit(owned)
+            offsets.update(self._settled_positions(owned, offsets))
         if not offsets:
             return
         try:
@@ -581,6 +659,29 @@ class StreamJob:
             self._ledger.committed(offsets)
             if ok:
                 self._committed.update(offsets)
+
+    def _settled_positions(self, owned: set[TP], offsets: dict[TP, int]) -> dict[TP, int]:
+        """Positions to commit past offsets that hold no record (transaction markers, compacted gaps).
+
+        A partition with nothing in flight, handled or durable-but-uncommitted
+        whose consumer position is beyond the committed offset has only
+        records without data behind it; committing that position keeps the
+        committed lag at 0 on an idle transactional topic. Caller holds the lock.
+        """
+        if self._registry_paused:
+            return {}
+        in_flight = {(r.topic, r.partition) for batch in self._in_flight for r in batch.records}
+        out = {}
+        for tp in owned:
+            committed = self._committed.get(tp)
+            if committed is None or tp in offsets or tp in in_flight or tp in self._resume_at \
+                    or not self._ledger.settled(tp):
+                continue
+            pos = self._input.position(*tp)
+            accepted = self._ledger.position(tp)
+            if pos is not None and pos > committed and (accepted is None or pos >= accepted):
+                out[tp] = pos
+        return out
 
     def _settle_assigned(self, now: float) -> None:
         """Read the group's committed offsets of newly assigned partitions; commit where the files are ahead.
@@ -603,10 +704,20 @@ class StreamJob:
                 reset = self._input.beginning_offsets if self.config.kafka.auto_offset_reset == "earliest" \
                     else self._input.end_offsets
                 starts = reset(no_commit)
+            resumed = [tp for tp, resume in waiting.items() if resume is not None]
+            ends = self._input.end_offsets(resumed) if resumed else {}
         except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports it; read again later
+            if self._settle_failing_since is None:
+                self._settle_failing_since = now
+            elif now - self._settle_failing_since >= 60.0 and not self._settle_warned:
+                self._settle_warned = True
+                log.warning("the group's committed offsets could not be read for %.0fs (committed lag unknown, "
+                            "resume positions not committed yet); still trying: %s", now - self._settle_failing_since,
+                            exc)
             log.debug("committed offsets unavailable: %s", exc)
             self._next_committed_read = now + 5.0
             return
+        self._settle_failing_since, self._settle_warned = None, False
         to_commit: dict[TP, int] = {}
         with self._lock:
             owned = set(self._input.assignment())
@@ -614,7 +725,12 @@ class StreamJob:
                 if tp not in owned or self._resume_at.get(tp, -1) != resume:
                     continue  # revoked or reassigned meanwhile: the next assignment reads again
                 del self._resume_at[tp]
-                known = max(found.get(tp) or -1, self._committed.get(tp, -1))
+                group = found.get(tp)
+                known = max(-1 if group is None else group, self._committed.get(tp, -1))
+                if resume is not None and resume > ends.get(tp, resume):
+                    log.warning("the files of %s-%d end at offset %d but the partition ends at %d (was the topic "
+                                "recreated?); not committing past its end", tp[0], tp[1], resume - 1, ends[tp])
+                    resume = None
                 if resume is not None and resume > known:
                     to_commit[tp] = resume
                 elif known >= 0:
@@ -648,14 +764,29 @@ class StreamJob:
             self._paused = True
             log.warning("pausing consumption: %d rows wait for the sink", self._sink.buffered)
         elif self._paused and self._sink.buffered < limit // 2:
-            self._input.resume(self._input.assignment())
+            if not self._registry_paused:  # that pause ends with its own retry
+                self._input.resume(self._input.assignment())
             self._paused = False
             for tp in self._input.assignment():  # paused time is no fetch stall
                 self._progress[tp] = self._poll_clock
 
     def _update_lag(self) -> None:
-        for topic, partition in self._input.assignment():
+        assigned = self._input.assignment()
+        now = time.monotonic()
+        if (self._paused or self._registry_paused) and now >= self._next_end_read:
+            # a paused partition is not fetched, so the client's end offsets stop moving: ask the brokers
+            self._next_end_read = now + 10.0
+            try:
+                self._end_offsets = self._input.end_offsets(assigned, timeout_s=5.0)
+            except Exception as exc:  # noqa: BLE001 - the poll path reports broker trouble
+                log.debug("end offsets unavailable: %s", exc)
+        elif not (self._paused or self._registry_paused):
+            self._end_offsets.clear()
+        for topic, partition in assigned:
             high = self._input.highwater(topic, partition)
+            polled_end = self._end_offsets.get((topic, partition))
+            if polled_end is not None:
+                high = polled_end if high is None else max(high, polled_end)
             pos = self._ledger.position((topic, partition))
             if high is not None and pos is not None:
                 metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, high - pos))

@@ -18,8 +18,8 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "abfs": "azure", 
 
 
 def redact_url(url: str) -> str:
-    """``url`` without any user:password part (never logged)."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+    """``url`` without any user:password part (never logged); secrets may hold '/', so all up to the last '@' goes."""
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^@]*@", r"\1***@", url)
 
 
 def check_output(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -30,10 +30,13 @@ def check_output(url: str, storage_options: dict[str, Any] | None = None) -> Non
     and removed. Remote stores are not contacted here (credentials may come
     later, an outage is retried by the job).
     """
-    protocol, _path = fsspec.core.split_protocol(url)
-    if protocol not in (None, "file", "local"):
+    protocol, _path = fsspec.core.split_protocol(url.split("::")[-1])
+    if "::" in url or protocol not in (None, "file", "local"):
         try:
-            fsspec.get_filesystem_class(protocol)
+            for part in url.split("::"):  # chained URLs: every layer's file system must be importable
+                part_protocol = fsspec.core.split_protocol(part)[0] or "file"
+                protocol = part_protocol
+                fsspec.get_filesystem_class(part_protocol)
         except ImportError as exc:
             extra = _EXTRAS.get(protocol)
             hint = f"pip install 'nlpstream[{extra}]'" if extra else "install the fsspec file system package it names"

@@ -3,6 +3,8 @@
 Broker, in order: ``KAFKA_BOOTSTRAP_SERVERS``; testcontainers' Kafka
 container where a Docker daemon answers; else the project's local KRaft
 launcher (official jars). Kafka tests never skip: no broker is a failure.
+Schema registry: ``SCHEMA_REGISTRY_URL`` (a Confluent-compatible API), else the
+project's local Apicurio launcher (``nlpstream registry-local``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield info.bootstrap_servers
     finally:
         kafka_local.stop(data)
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("SCHEMA_REGISTRY_URL")
+    if external:
+        yield external
+        return
+    from nlpstream.consumers import registry_local
+
+    data = tmp_path_factory.mktemp("schema-registry")
+    info = registry_local.start(data, port=0)
+    try:
+        yield info.url
+    finally:
+        registry_local.stop(data)
 
 
 @pytest.fixture

@@ -216,7 +216,8 @@ def test_image_has_the_storage_extras_the_manifest_needs(tmp_path):
         assert any(dep.startswith(package) for deps in extras.values() for dep in deps), package
     assert extras["storage"] == ["nlpstream[s3,gcs,azure]"]
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"pip install \S*\.\[storage\]", dockerfile)
+    assert re.search(r"pip install \S*\.\[[a-z,]*\bstorage\b[a-z,]*\]", dockerfile)
+    assert re.search(r"pip install \S*\.\[[a-z,]*\bregistry\b[a-z,]*\]", dockerfile)  # schema'd input
     uid = re.search(r"^USER (\d+)", dockerfile, re.M).group(1)
     pod = manifest()["Deployment"]["spec"]["template"]["spec"]
     assert str(pod["securityContext"]["runAsUser"]) == uid

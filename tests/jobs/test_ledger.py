@@ -85,3 +85,17 @@ def test_observe_many_equals_one_observe_per_value():
                 for m in registry.collect() if m.name == name for s in m.samples if not s.name.endswith("_created")]
 
     assert samples("one_by_one") == samples("in_bulk")
+
+
+def test_settled_means_nothing_handled_or_durable_waits():
+    ledger = OffsetLedger()
+    tp = ("t", 0)
+    ledger.assigned(tp, None)
+    assert ledger.settled(tp)
+    ledger.accept_run(tp, [0, 1])
+    ledger.handled(tp, 1)
+    assert not ledger.settled(tp)
+    ledger.made_durable()
+    assert not ledger.settled(tp)
+    ledger.committed(ledger.to_commit([tp]))
+    assert ledger.settled(tp)

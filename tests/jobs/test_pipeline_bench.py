@@ -13,9 +13,13 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
     out = run_pipeline_bench(kafka_bootstrap, messages=3000, partitions=3, model_messages=120, echo=print)
     for key in ("bare_confluent_consumer_msgs_per_s", "job_instant_engine_msgs_per_s", "simulated_device_texts_per_s",
                 "engine_instant_runner_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
-                "model_job_msgs_per_s"):
+                "model_job_msgs_per_s", "decode_json_records_per_s", "decode_avro_records_per_s",
+                "decode_json_schema_records_per_s", "decode_protobuf_records_per_s"):
         assert out[key] > 0, key
     assert 0 < out["simulated_device_busy_share"] <= 1.05 and 0 < out["simulated_device_busy_share_unpipelined"] <= 1.05
     assert out["simulated_device_texts_per_s"] == pytest.approx(0.6 * out["job_instant_engine_msgs_per_s"], rel=0.01)
     assert 0 < out["job_instant_vs_bare_consumer"] == pytest.approx(
         out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], rel=0.01)
+    for fmt in ("avro", "json_schema", "protobuf"):
+        assert out[f"decode_{fmt}_vs_json"] == pytest.approx(
+            out[f"decode_{fmt}_records_per_s"] / out["decode_json_records_per_s"], rel=0.01)

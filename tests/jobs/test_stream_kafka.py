@@ -348,3 +348,60 @@ def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_b
         job.stop()
         runner.join(timeout=90)
     assert read_output(tmp_path).num_rows == n + 3
+
+
+def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(kafka_bootstrap, make_topic, unique,
+                                                                                 tmp_path, engine):
+    """A group whose committed offset is 0 shows its real committed lag while the sink is stuck; records written
+    in a transaction end with a commit marker that holds no record, and the committed offset still reaches the end."""
+    from confluent_kafka import Producer
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from tests.jobs.faults import committed
+
+    topic = make_topic(unique, partitions=1)
+    group = f"{unique}-g"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{unique}-tx"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    n = 20
+    for key, value in json_messages(n, prefix=unique):
+        producer.produce(topic, value=value, key=key)
+    producer.commit_transaction(30)
+    reset = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    reset.commit({TopicPartition(topic, 0): OffsetAndMetadata(0, "", -1)})  # a group reset to the earliest offset
+    reset.close()
+    assert committed(kafka_bootstrap, group, topic, 1) == [0]
+    stuck = tmp_path / f"topic={topic}"
+    stuck.mkdir()
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=60.0, group=group, metrics_port=0),
+                    engine=engine)
+    runner = threading.Thread(target=job.run)
+    key = f'nlpstream_consumer_committed_lag{{partition="0",topic="{topic}"}}'
+    released = False
+    try:
+        runner.start()
+        deadline = time.monotonic() + 60
+        lag = None
+        while time.monotonic() < deadline and lag != n + 1:
+            if job.metrics_port is not None:
+                lag = scrape(job.metrics_port).get(key)
+            time.sleep(0.2)
+        assert lag == n + 1  # 20 records and the transaction's commit marker, from committed offset 0
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+        released = True
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and committed(kafka_bootstrap, group, topic, 1) != [n + 1]:
+            time.sleep(0.3)
+        assert committed(kafka_bootstrap, group, topic, 1) == [n + 1]  # past the marker: nothing left to read
+        while time.monotonic() < deadline and scrape(job.metrics_port).get(key) != 0.0:
+            time.sleep(0.2)
+        assert scrape(job.metrics_port)[key] == 0.0
+    finally:
+        if not released:
+            subprocess.run(["chattr", "-i", str(stuck)], check=False)
+        job.stop()
+        runner.join(timeout=90)
+    assert sorted(read_output(tmp_path).column("offset").to_pylist()) == list(range(n))

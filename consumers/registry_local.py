@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -53,8 +54,10 @@ class RegistryInfo:
 
 
 def _needed_java(version: str) -> int:
-    major, minor = (int(x) for x in version.split(".")[:2])
-    return 17 if (major, minor) < (3, 1) else 21
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise RegistryLocalError(f"registry version {version!r} is not a version number such as 3.0.9")
+    return 17 if (int(match.group(1)), int(match.group(2))) < (3, 1) else 21
 
 
 def ensure_app(version: str = DEFAULT_REGISTRY_VERSION, timeout_s: float = 900.0) -> Path:
@@ -82,7 +85,14 @@ def ensure_app(version: str = DEFAULT_REGISTRY_VERSION, timeout_s: float = 900.0
     partial = home.parent / f".partial-{version}"
     shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(archives[0]) as tar:
-        tar.extractall(partial, filter="data")
+        try:
+            tar.extractall(partial, filter="data")  # no paths outside the folder, no device files
+        except TypeError:  # Python before 3.11.4: check the member paths ourselves
+            for member in tar.getmembers():
+                target = (partial / member.name).resolve()
+                if not str(target).startswith(str(partial.resolve())) or member.isdev():
+                    raise RegistryLocalError(f"unsafe path in the registry archive: {member.name}") from None
+            tar.extractall(partial)
     shutil.rmtree(download, ignore_errors=True)
     if _runner(partial) is None:
         raise RegistryLocalError(f"the Apicurio Registry {version} archive holds no runnable jar")
@@ -159,13 +169,18 @@ def start(data_dir: str | Path, port: int = 0, version: str = DEFAULT_REGISTRY_V
     recorded, running = status(data)
     if recorded is not None and running:
         return recorded
+    if recorded is not None and _ours(recorded):  # started but not answering (yet): replace it
+        stop(data)
     home = ensure_app(version)
     runner = _runner(home)
     assert runner is not None
     java = find_java(_needed_java(version))
     if port == 0:
         port = recorded.port if recorded is not None else free_port()
-    management = free_port()
+    if not _port_free(port):
+        raise RegistryLocalError(f"port {port} on 127.0.0.1 is taken (another registry?); pick another with --port "
+                                 "or 0 for a free one")
+    management = free_port()  # Quarkus' management interface, where a version enables it: loopback too
     props = {
         "quarkus.http.host": "127.0.0.1", "quarkus.http.port": port,
         "quarkus.management.host": "127.0.0.1", "quarkus.management.port": management,
@@ -180,22 +195,43 @@ def start(data_dir: str | Path, port: int = 0, version: str = DEFAULT_REGISTRY_V
     info = RegistryInfo(pid=proc.pid, port=port, management_port=management, data_dir=str(data), version=version)
     (data / _STATE_FILE).write_text(json.dumps(asdict(info)))
     deadline = time.monotonic() + timeout_s
-    while not _answers(info.url):
-        if proc.poll() is not None:
+    while True:
+        if proc.poll() is not None:  # first: an answer on the port from someone else is no success
             raise RegistryLocalError(f"the schema registry exited with code {proc.returncode}; "
                                      f"see {data / 'registry.out'}")
         if time.monotonic() > deadline:
             stop(data)
             raise RegistryLocalError(f"the schema registry did not answer within {timeout_s:.0f}s; "
                                      f"see {data / 'registry.out'}")
+        if _answers(info.url):
+            return info
         time.sleep(0.3)
-    return info
+
+
+def _ours(info: RegistryInfo) -> bool:
+    """True when the recorded pid is alive and still a Java running the registry (pids get reused)."""
+    if not _pid_alive(info.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{info.pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid
+    return b"apicurio-registry" in cmdline or b"quarkus-run.jar" in cmdline
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def stop(data_dir: str | Path, timeout_s: float = 30.0) -> bool:
     """Stop the registry started in ``data_dir``; True when one was running."""
     info = read_state(data_dir)
-    if info is None or not _pid_alive(info.pid):
+    if info is None or not _ours(info):
         return False
     os.kill(info.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s

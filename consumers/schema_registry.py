@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -78,7 +79,13 @@ class RegistryDecoder:
         if input_format not in REGISTRY_FORMATS:
             raise ValueError(f"input format {input_format!r} is not one of {', '.join(REGISTRY_FORMATS)}")
         self.input_format = input_format
-        self.url = url
+        self.url = redact(url)  # for messages; the client gets the real one
+        if input_format == "protobuf":
+            try:
+                import grpc_tools  # noqa: F401 - protoc, for schemas registered as .proto text
+            except ImportError as exc:
+                raise ConsumerError("--input-format protobuf needs grpcio-tools (protoc): "
+                                    "pip install 'nlpstream[registry]' (the container image has it)") from exc
         if client is None:
             try:
                 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -115,15 +122,20 @@ class RegistryDecoder:
             try:
                 schema = self._client.get_schema(schema_id)
             except Exception as exc:  # noqa: BLE001 - sorted below
-                if _not_found(exc):
+                if _not_found(exc, "schema"):
                     self._unknown[schema_id] = f"schema id {schema_id} is not in the registry"
                     continue
                 raise SchemaRegistryUnavailable(f"schema registry at {self.url} did not answer for schema id "
                                                 f"{schema_id}: {_describe(exc)}") from None
             try:
                 self._schemas[schema_id] = self._build(schema_id, schema)
+            except SchemaRegistryUnavailable:
+                raise
             except DecodeError as exc:  # a schema of another format, or one that cannot be used
                 self._unknown[schema_id] = str(exc)
+                self._mismatched.add(schema_id)
+            except Exception as exc:  # noqa: BLE001 - a parser or protoc failure: the schema cannot be used
+                self._unknown[schema_id] = f"schema {schema_id} cannot be used: {type(exc).__name__}: {exc}"
                 self._mismatched.add(schema_id)
 
     # -- decoding ----------------------------------------------------------------
@@ -141,7 +153,12 @@ class RegistryDecoder:
             if schema_id in self._unknown:
                 raise DecodeError("unknown_schema_id", self._unknown[schema_id])
             raise RuntimeError(f"schema id {schema_id} was not resolved before decoding")  # a bug of the caller
-        return schema.decode(memoryview(value)[5:])
+        try:
+            return schema.decode(memoryview(value)[5:])
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a record no decoder expected: still the record's fault
+            raise _mismatch(schema_id, self.input_format, exc) from None
 
     # -- building decoders ----------------------------------------------------------
     def _build(self, schema_id: int, schema: Any) -> _Schema:
@@ -159,9 +176,9 @@ class RegistryDecoder:
         out: list[tuple[str, str]] = []
         for ref in getattr(schema, "references", None) or []:
             try:
-                registered = self._client.get_version(ref.subject, ref.version)
+                registered = self._client.get_version(ref.subject, ref.version, True)  # soft-deleted too
             except Exception as exc:  # noqa: BLE001
-                if _not_found(exc):
+                if _not_found(exc, "reference"):
                     raise DecodeError("schema_mismatch", f"referenced schema {ref.subject} v{ref.version} "
                                       "is not in the registry") from None
                 raise SchemaRegistryUnavailable(f"schema registry at {self.url} did not answer for "
@@ -172,14 +189,27 @@ class RegistryDecoder:
         return out
 
 
-def _not_found(exc: BaseException) -> bool:
-    return getattr(exc, "http_status_code", None) == 404
+# Confluent API error codes of a 404 that really means "no such schema": 40401 subject, 40402 version,
+# 40403 schema id. Any other 404 (a wrong base path, a proxy or ingress answering) is the registry not answering.
+_NOT_FOUND_CODES = {"schema": (40403,), "reference": (40401, 40402, 40403)}
+
+
+def _not_found(exc: BaseException, what: str) -> bool:
+    return getattr(exc, "http_status_code", None) == 404 and getattr(exc, "error_code", None) in _NOT_FOUND_CODES[what]
+
+
+def redact(url: str) -> str:
+    """``url`` without a user:password part."""
+    return re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^@/]*(?:/[^@]*)?@", r"\1***@", url) if "@" in url else url
 
 
 def _describe(exc: BaseException) -> str:
     status = getattr(exc, "http_status_code", None)
     if status in (401, 403):
         return f"HTTP {status}: credentials refused (input.schema_registry.username/password)"
+    if status == 404:
+        return (f"HTTP 404 without a 'schema not found' code ({getattr(exc, 'error_code', None)}): is the URL the "
+                "Confluent-compatible API (Apicurio: .../apis/ccompat/v7)?")
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -248,7 +278,8 @@ def _fast_validator(schema: Any) -> Callable[[Any], str | None] | None:
     try:
         import fastjsonschema
 
-        check = fastjsonschema.compile(schema)
+        check = fastjsonschema.compile(schema, handlers={"http": _no_remote, "https": _no_remote},
+                                       use_default=False, use_formats=False)  # as the jsonschema path: no defaults
     except Exception:  # noqa: BLE001 - not installed, or a schema it cannot compile: jsonschema decides
         return None
     invalid = fastjsonschema.JsonSchemaValueException
@@ -263,13 +294,22 @@ def _fast_validator(schema: Any) -> Callable[[Any], str | None] | None:
     return validate
 
 
+def _no_remote(uri: str) -> Any:
+    raise ValueError(f"remote $ref {uri} is not fetched")
+
+
 def _jsonschema_validator(schema_id: int, schema: Any, references: list[tuple[str, str]]) -> Callable[[Any], str | None]:
     from jsonschema import validators
     from referencing import Registry, Resource
 
     try:
-        resources = [(name, Resource.from_contents(json.loads(ref))) for name, ref in references]
+        from referencing.jsonschema import specification_with
+
         cls = validators.validator_for(schema)
+        spec = specification_with(cls.META_SCHEMA.get("$schema", ""), default=None) if hasattr(cls, "META_SCHEMA") else None
+        resources = [(name, Resource.from_contents(json.loads(ref), default_specification=spec)
+                      if spec is not None else Resource.from_contents(json.loads(ref)))
+                     for name, ref in references]
         cls.check_schema(schema)
         validator = cls(schema, registry=Registry().with_resources(resources))
     except Exception as exc:  # noqa: BLE001 - an unusable schema
@@ -323,26 +363,62 @@ def _protobuf(schema_id: int, text: str, references: list[tuple[str, str]]) -> _
             raise
         except Exception as exc:  # noqa: BLE001 - truncated varints, wire-type errors
             raise _mismatch(schema_id, "Protobuf", exc) from None
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        try:
+            return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                             always_print_fields_with_no_presence=True)
+        except TypeError:  # protobuf older than 5.26
+            return json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                             including_default_value_fields=True)
 
     return _Schema(decode)
 
 
-def _well_known_missing(files: list[Any]) -> list[Any]:
-    """Descriptors of google/protobuf/*.proto files imported but not given (serializers skip them as references)."""
+_BUILTIN_MODULES = (("google/protobuf/", "google.protobuf."), ("google/type/", "google.type."),
+                    ("confluent/", "confluent_kafka.schema_registry.confluent."))
+
+
+def _builtin_file(name: str) -> Any:
+    """The descriptor of a file producers import without registering it (google/protobuf, google/type,
+    confluent/meta and confluent's types, as Confluent's serializers skip them as references), or None."""
     import importlib
 
     from google.protobuf import descriptor_pb2
 
-    given = {f.name for f in files}
-    out = []
-    for name in dict.fromkeys(dep for f in files for dep in f.dependency):
-        if name in given or not name.startswith("google/protobuf/"):
-            continue
-        module = importlib.import_module(name[:-len(".proto")].replace("/", ".") + "_pb2")
-        out.append(descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb))
-        given.add(name)
+    for prefix, package in _BUILTIN_MODULES:
+        if name.startswith(prefix) and name.endswith(".proto"):
+            module_name = package + name[len(prefix):-len(".proto")].replace("/", ".") + "_pb2"
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                return None
+            return descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+    return None
+
+
+def _builtins_for(names: Iterable[str], given: set[str]) -> list[Any]:
+    """Built-in files among ``names`` not in ``given``, with their own dependencies, dependencies first."""
+    out: list[Any] = []
+    seen = set(given)
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        proto = _builtin_file(name)
+        if proto is None:
+            return
+        for dep in proto.dependency:
+            visit(dep)
+        out.append(proto)
+
+    for name in names:
+        visit(name)
     return out
+
+
+def _well_known_missing(files: list[Any]) -> list[Any]:
+    """Built-in files the given descriptors import but that were not given."""
+    return _builtins_for((dep for f in files for dep in f.dependency), {f.name for f in files})
 
 
 def _zigzag_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -377,30 +453,44 @@ def _message_indexes(data: bytes) -> tuple[tuple[int, ...], int]:
 
 
 def _descriptor_protos(schema_id: int, text: str, references: list[tuple[str, str]]) -> list[Any]:
-    """FileDescriptorProtos for a schema and its references, dependencies first, the schema's own last."""
+    """FileDescriptorProtos for a schema and its references, dependencies first, the schema's own last.
+
+    The schema's own text decides the form: a serialized descriptor (base64, what confluent-kafka's Python
+    serializer and Confluent's ``format=serialized`` give), then its references are too; else ``.proto`` text.
+    """
     from google.protobuf import descriptor_pb2
 
-    serialized = [_from_base64(name, ref) for name, ref in references] + [_from_base64(f"schema-{schema_id}.proto", text)]
-    if all(p is not None for p in serialized):
-        return serialized  # type: ignore[return-value]
-    return _compile(schema_id, text, references, descriptor_pb2)
+    own = _from_base64(f"schema-{schema_id}.proto", text)
+    if own is None:
+        return _compile(schema_id, text, references, descriptor_pb2)
+    refs = []
+    for name, ref in references:
+        proto = _from_base64(name, ref)
+        if proto is None:
+            raise DecodeError("schema_mismatch", f"Protobuf schema {schema_id} is a serialized descriptor but its "
+                              f"reference {name} is not")
+        proto.name = name  # the importing file names it so
+        refs.append(proto)
+    return refs + [own]
 
 
 def _from_base64(name: str, text: str) -> Any:
+    """The FileDescriptorProto serialized in base64 ``text``, or None when it is ``.proto`` text."""
     from google.protobuf import descriptor_pb2
 
     stripped = text.strip()
-    if not stripped or any(c.isspace() for c in stripped) or "{" in stripped:
+    if not stripped or any(c.isspace() or c in '{;"' for c in stripped):
         return None
     try:
         proto = descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(stripped, validate=True))
     except Exception:  # noqa: BLE001 - not a serialized descriptor: .proto text
         return None
-    if not proto.message_type:
-        return None
     if not proto.name:
         proto.name = name
     return proto
+
+
+_IMPORT = re.compile(r'^\s*import\s+(?:public\s+|weak\s+)?"([^"]+)"\s*;', re.M)
 
 
 def _compile(schema_id: int, text: str, references: list[tuple[str, str]], descriptor_pb2: Any) -> list[Any]:
@@ -423,8 +513,15 @@ def _compile(schema_id: int, text: str, references: list[tuple[str, str]], descr
         main = f"nlpstream_schema_{schema_id}.proto"
         (root / main).write_text(text)
         out = root / "set.pb"
+        imports = [m for source in [text, *(ref for _, ref in references)] for m in _IMPORT.findall(source)]
+        builtins = _builtins_for(imports, {name for name, _ in references})
+        extra = []
+        if builtins:  # google/type, confluent/meta: imported by producers, registered by nobody
+            given = root / "builtins.pb"
+            given.write_bytes(descriptor_pb2.FileDescriptorSet(file=builtins).SerializeToString())
+            extra = [f"--descriptor_set_in={given}"]
         proc = subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{include}", "--include_imports",
+            [sys.executable, "-m", "grpc_tools.protoc", f"-I{root}", f"-I{include}", *extra, "--include_imports",
              f"--descriptor_set_out={out}", main], capture_output=True, text=True, timeout=60, check=False)
         if proc.returncode != 0:
             raise DecodeError("schema_mismatch", f"Protobuf schema {schema_id} does not compile: "

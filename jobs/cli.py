@@ -31,6 +31,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # the registry client's per-request INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> None:

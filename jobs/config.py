@@ -112,6 +112,11 @@ class InputConfig(_Section):
                              "(--schema-registry-url or NLPSTREAM_INPUT__SCHEMA_REGISTRY__URL)")
         if self.schema_registry.password is not None and self.schema_registry.password_file is not None:
             raise ValueError("set input.schema_registry.password or password_file, not both")
+        sr = self.schema_registry
+        if (sr.password is not None or sr.password_file is not None) and not sr.username:
+            raise ValueError("input.schema_registry.password needs input.schema_registry.username")
+        if sr.username and ":" in sr.username:
+            raise ValueError("input.schema_registry.username must not contain ':' (HTTP basic auth)")
         return self
 
 

@@ -164,6 +164,7 @@ class StreamJob:
             sr = cfg.input.schema_registry
             self._registry = RegistryDecoder(cfg.input.input_format, sr.url or "", sr.username, sr.secret(),
                                              sr.ca_file)
+            metrics.SCHEMA_REGISTRY_OUTAGE.set(0)
             self._decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field,
                                           registry=self._registry)
         conn = connection_settings(cfg)
@@ -284,6 +285,9 @@ class StreamJob:
         if not records:
             return records
         ids = self._registry.unresolved(r.value for r in records)
+        if ids and self._registry_down_since is not None and now < self._registry_retry_at:
+            self._put_back(records)  # e.g. a partition assigned during the outage: wait for the next try
+            return []
         if ids:
             try:
                 self._registry.resolve(ids)
@@ -301,11 +305,11 @@ class StreamJob:
                 self._registry_retry_at = now + self._registry_backoff
                 self._put_back(records)
                 return []
-        if self._registry_down_since is not None:
-            log.info("the schema registry answers again after %.0fs", now - self._registry_down_since)
-            self._registry_down_since = None
-            self._registry_backoff = 0.0
-            metrics.SCHEMA_REGISTRY_OUTAGE.set(0)
+            if self._registry_down_since is not None:  # it answered: the outage is over
+                log.info("the schema registry answers again after %.0fs", now - self._registry_down_since)
+                self._registry_down_since = None
+                self._registry_backoff = 0.0
+                metrics.SCHEMA_REGISTRY_OUTAGE.set(0)
         return records
 
     def _put_back(self, records: list[InputRecord]) -> None:
@@ -679,7 +683,8 @@ class StreamJob:
                 continue
             pos = self._input.position(*tp)
             accepted = self._ledger.position(tp)
-            if pos is not None and pos > committed and (accepted is None or pos >= accepted):
+            # every record accepted is committed already, so what lies between is no record of ours
+            if pos is not None and pos > committed and (accepted is None or accepted <= committed):
                 out[tp] = pos
         return out
 
@@ -810,6 +815,8 @@ class StreamJob:
                     self._input.seek(topic, partition, last + 1)
                 self._progress[tp] = self._poll_clock
                 self._assigned_at[tp] = time.monotonic()
+                if self._registry_paused:  # a registry outage: new partitions wait for the next try too
+                    self._input.pause([tp])
                 log.info("assigned %s-%d, files end at %s", topic, partition, last)
 
     def _on_revoked(self, partitions: list[TP]) -> None:

@@ -41,6 +41,10 @@ def test_start_status_stop_and_loopback_only(tmp_path):
         again = subprocess.run(CLI + ["start", "--port", "0", "--data-dir", data], capture_output=True, text=True,
                                timeout=120)
         assert again.returncode == 0 and json.loads(again.stdout)["pid"] == info["pid"]  # the running one
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, timeout=30).stdout
+        own = [line.split()[3] for line in listening.splitlines() if f"pid={info['pid']}," in line]
+        assert own, listening  # the HTTP port at least
+        assert all(addr.rsplit(":", 1)[0] in ("127.0.0.1", "[::ffff:127.0.0.1]") for addr in own), own
         other = _other_address()
         if other is not None:
             port = int(url.split(":")[2].split("/")[0])

@@ -41,8 +41,10 @@ class _Schema:
     references: list = field(default_factory=list)
 
 
-class _NotFound(Exception):
-    http_status_code = 404
+def _not_found(message: str, code: int = 40403) -> Exception:
+    from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    return SchemaRegistryError(404, code, message)
 
 
 class FakeClient:
@@ -58,7 +60,7 @@ class FakeClient:
         if self.down:
             raise ConnectionError("connection refused")
         if schema_id not in self.schemas:
-            raise _NotFound(f"schema {schema_id} not found")
+            raise _not_found(f"schema {schema_id} not found", 40403 if self.down is not None else -1)
         return self.schemas[schema_id]
 
 
@@ -194,3 +196,67 @@ def test_json_schema_2020_12_goes_through_jsonschema_and_draft_7_through_the_com
     assert decode_record(record(frame(6, json.dumps({"id": "a", "body": {"text": "ok"}}).encode())), s).text == "ok"
     assert reason(frame(6, json.dumps({"id": "b", "body": {"text": 5}}).encode()), s) == "schema_mismatch"
     assert reason(frame(6, json.dumps({"id": 1, "body": {"text": "x"}}).encode()), s) == "schema_mismatch"
+
+
+def test_a_404_that_is_not_schema_not_found_is_an_outage_not_an_unknown_id():
+    """A wrong base path or a proxy answering 404 must not dead-letter the topic as unknown ids."""
+    dec, client = decoder("avro", {})
+    client.down = None  # answers every id with a 404 that carries no Confluent 'schema not found' code
+    with pytest.raises(SchemaRegistryUnavailable, match="ccompat"):
+        dec.resolve({1})
+    assert dec.unresolved([frame(1, b"")]) == {1}
+    client.down = False
+    dec.resolve({1})  # a real 40403
+    assert reason(frame(1, b""), settings(dec)) == "unknown_schema_id"
+
+
+def test_a_record_that_makes_a_decoder_raise_anything_is_a_mismatch_not_a_crash():
+    from nlpstream.consumers.schema_registry import _Schema as Built
+
+    dec, _ = decoder("avro", {1: _Schema(json.dumps(AVRO), "AVRO")})
+    dec.resolve({1})
+
+    def explode(payload):
+        raise TypeError("an Any of a type the pool does not know")
+
+    dec._schemas[1] = Built(explode)
+    assert reason(frame(1, b"\x00"), settings(dec)) == "schema_mismatch"
+
+
+def test_protobuf_importing_google_type_and_confluent_meta_compiles():
+    text = """syntax = "proto3";
+package t;
+import "google/type/date.proto";
+import "confluent/meta.proto";
+message Review {
+  string text = 1 [(confluent.field_meta).doc = "the review"];
+  google.type.Date day = 2;
+  string id = 3;
+}
+"""
+    from google.protobuf import descriptor_pool, message_factory
+
+    from nlpstream.consumers.schema_registry import _descriptor_protos, _well_known_missing
+
+    files = _descriptor_protos(11, text, [])
+    pool = descriptor_pool.DescriptorPool()
+    for f in _well_known_missing(files) + files:
+        pool.Add(f)
+    review = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Review"))
+    msg = review(text="Great support", id="r1")
+    msg.day.year = 2026
+    for schema_str in (text, base64.b64encode(files[-1].SerializeToString()).decode()):
+        dec, _ = decoder("protobuf", {11: _Schema(schema_str, "PROTOBUF")})
+        dec.resolve({11})
+        decoded = decode_record(record(frame(11, b"\x00" + msg.SerializeToString())), settings(dec, "text"))
+        assert (decoded.text, decoded.id) == ("Great support", "r1")
+        blank = review(id="r2")  # proto3 leaves an empty string out of the wire: still a blank text, not missing
+        assert reason(frame(11, b"\x00" + blank.SerializeToString()), settings(dec, "text")) == "blank_text"
+
+
+def test_json_schema_defaults_are_not_filled_in():
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+              "properties": {"text": {"type": "string", "default": "filled in"}}}
+    dec, _ = decoder("json-schema", {4: _Schema(json.dumps(schema), "JSON")})
+    dec.resolve({4})
+    assert reason(frame(4, b'{"id": "x"}'), settings(dec, "text")) == "missing_text"

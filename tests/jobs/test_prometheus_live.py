@@ -100,6 +100,8 @@ def test_prometheus_sees_a_stuck_sink_as_no_progress_then_every_panel_has_data(
         # phase 1: every record fetched, none durable
         committed_lag = f'sum(nlpstream_consumer_committed_lag{{topic="{topic}"}})'
         _wait(lambda: _value(url, committed_lag) == n + bad, 180, "committed lag of all records", job, prom)
+        # the sink really failed (committed lag counts from the start offset before the first flush is tried)
+        _wait(lambda: (_value(url, "nlpstream_sink_retries_total") or 0) > 0, 120, "a failed flush", job, prom)
         pending = f'ALERTS{{alertname="NlpstreamNoProgress",alertstate="pending",topic="{topic}"}}'
         _wait(lambda: bool(_query(url, pending)), 60, "NlpstreamNoProgress pending", job, prom)
         _wait(lambda: _value(url, f'sum(nlpstream_consumer_lag{{topic="{topic}"}})') == 0.0, 30,

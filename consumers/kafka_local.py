@@ -334,20 +334,31 @@ def stop(data_dir: str | Path, timeout_s: float = 30.0) -> bool:
     info = read_state(data_dir)
     if info is None or not _pid_alive(info.pid):
         return False
-    os.kill(info.pid, signal.SIGTERM)
+    terminate(info.pid, timeout_s)
+    return True
+
+
+def terminate(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM (a clean shutdown), SIGKILL after ``timeout_s``; reaps the process when it is our child."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _pid_alive(info.pid):
-            return True
-        _reap(info.pid)
+        _reap(pid)
+        if not _pid_alive(pid):
+            return
         time.sleep(0.2)
-    os.kill(info.pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
     for _ in range(50):
-        _reap(info.pid)
-        if not _pid_alive(info.pid):
+        _reap(pid)
+        if not _pid_alive(pid):
             break
         time.sleep(0.1)
-    return True
 
 
 def _reap(pid: int) -> None:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -26,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nlpstream.consumers.errors import ConsumerError
-from nlpstream.consumers.kafka_local import _pid_alive, _reap, cache_root, free_port
+from nlpstream.consumers.kafka_local import _pid_alive, cache_root, free_port, terminate
 
 DEFAULT_REGISTRY_VERSION = "3.0.9"
 _STATE_FILE = "nlpstream-registry.json"
@@ -233,17 +232,5 @@ def stop(data_dir: str | Path, timeout_s: float = 30.0) -> bool:
     info = read_state(data_dir)
     if info is None or not _ours(info):
         return False
-    os.kill(info.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _reap(info.pid)
-        if not _pid_alive(info.pid):
-            return True
-        time.sleep(0.2)
-    os.kill(info.pid, signal.SIGKILL)
-    for _ in range(50):
-        _reap(info.pid)
-        if not _pid_alive(info.pid):
-            break
-        time.sleep(0.1)
+    terminate(info.pid, timeout_s)
     return True

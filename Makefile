@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nlpstream-$(shell sha256sum pyproject.toml | cut -c1-16)-$(shell pwd | sha256sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test
+.PHONY: install demo test test-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -20,5 +20,13 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/nlpstream demo
 
-test: install
+# promtool and the Prometheus server (rule unit tests, the live rules test): Debian's package
+test-tools:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "the tests need promtool and prometheus: install Debian's 'prometheus' package" >&2; exit 1; fi; \
+	fi
+
+test: install test-tools
 	HF_HUB_OFFLINE=1 PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -rs $(PYTEST_ARGS)

@@ -160,15 +160,7 @@ class KafkaInput:
 
     def beginning_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         """Log start offsets from the brokers; raises KafkaError (KafkaTimeoutError) after ``timeout_s``."""
-        tps = [TopicPartition(t, p) for t, p in partitions]
-        if not tps:
-            return {}
-        fetcher = getattr(self._consumer, "_fetcher", None)
-        if hasattr(fetcher, "beginning_offsets"):
-            offsets = fetcher.beginning_offsets(tps, int(timeout_s * 1000))
-        else:
-            offsets = self._consumer.beginning_offsets(tps)
-        return {(tp.topic, tp.partition): off for tp, off in offsets.items()}
+        return self._list_offsets("beginning_offsets", partitions, timeout_s)
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """Last known end offset of an assigned partition, or None before the first fetch."""
@@ -186,14 +178,17 @@ class KafkaInput:
 
     def end_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         """End offsets from the brokers; raises KafkaError (KafkaTimeoutError) after ``timeout_s``."""
+        return self._list_offsets("end_offsets", partitions, timeout_s)
+
+    def _list_offsets(self, which: str, partitions: Iterable[TP], timeout_s: float) -> dict[TP, int]:
         tps = [TopicPartition(t, p) for t, p in partitions]
         if not tps:
             return {}
         fetcher = getattr(self._consumer, "_fetcher", None)
-        if hasattr(fetcher, "end_offsets"):  # kafka-python 2.3: the public call waits request_timeout_ms (305 s)
-            offsets = fetcher.end_offsets(tps, int(timeout_s * 1000))
+        if hasattr(fetcher, which):  # kafka-python 2.3: the public call waits request_timeout_ms (305 s)
+            offsets = getattr(fetcher, which)(tps, int(timeout_s * 1000))
         else:
-            offsets = self._consumer.end_offsets(tps)
+            offsets = getattr(self._consumer, which)(tps)
         return {(tp.topic, tp.partition): off for tp, off in offsets.items()}
 
     def fetch_state(self) -> str:

@@ -112,8 +112,7 @@ def stream(
     from nlpstream.jobs.stream import DEVICE_EXIT_CODE, StreamJob
     from nlpstream.sinks import SinkError
 
-    _preflight(cfg.model.model, cfg.model.devices, cfg.model.precision)
-    job = StreamJob(cfg, hard_backstop=True)
+    job = StreamJob(cfg, hard_backstop=True)  # run() checks output, model, devices and precision first
     signal.signal(signal.SIGTERM, lambda *_: job.stop())
     signal.signal(signal.SIGINT, lambda *_: job.stop())
     try:

@@ -137,6 +137,7 @@ class StreamJob:
         # committed offsets, for the committed-lag gauge and the resume commit (network reads: main loop only)
         self._resume_at: dict[TP, int | None] = {}  # assigned, committed offset not read yet: where the files end
         self._committed: dict[TP, int] = {}  # the group's committed offset (or, before any commit, where we started)
+        self._resume_commits: dict[TP, int] = {}  # where the files end, ahead of the group's commit: _commit sends it
         self._next_committed_read = 0.0
         self._settle_failing_since: float | None = None
         self._settle_warned = False
@@ -152,14 +153,14 @@ class StreamJob:
     def run(self) -> StreamSummary:
         cfg = self.config
         started = time.monotonic()
-        metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
-        if cfg.metrics.metrics_port is not None:
-            self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
         # cheap checks first: a mistake costs one line, not a model load or a wait for Kafka
         check_output(cfg.output.output)
         if self._engine is None:
             check_engine_options(**cfg.model.engine_options())
+        metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
+        if cfg.metrics.metrics_port is not None:
+            self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
         if cfg.input.input_format in REGISTRY_FORMATS:
             sr = cfg.input.schema_registry
             self._registry = RegistryDecoder(cfg.input.input_format, sr.url or "", sr.username, sr.secret(),
@@ -649,6 +650,8 @@ class StreamJob:
         with self._lock:
             owned = set(self._input.assignment())
             offsets = self._ledger.to_commit(owned)
+            resumed = {tp: off for tp, off in self._resume_commits.items() if tp in owned and tp not in offsets}
+            offsets.update(resumed)
             offsets.update(self._settled_positions(owned, offsets))
         if not offsets:
             return
@@ -661,25 +664,30 @@ class StreamJob:
         metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
         with self._lock:
             self._ledger.committed(offsets)
+            for tp in offsets:  # a refused commit after a rebalance is not retried: the next owner resumes
+                self._resume_commits.pop(tp, None)
             if ok:
                 self._committed.update(offsets)
+        if ok and resumed:
+            log.info("committed the positions the files end at (resume): %s",
+                     ", ".join(f"{t}-{p}@{o}" for (t, p), o in sorted(resumed.items())))
 
     def _settled_positions(self, owned: set[TP], offsets: dict[TP, int]) -> dict[TP, int]:
         """Positions to commit past offsets that hold no record (transaction markers, compacted gaps).
 
-        A partition with nothing in flight, handled or durable-but-uncommitted
-        whose consumer position is beyond the committed offset has only
-        records without data behind it; committing that position keeps the
-        committed lag at 0 on an idle transactional topic. Caller holds the lock.
+        A partition whose every accepted record is committed (so nothing of it
+        is in flight, handled or durable-but-uncommitted: those are accepted
+        and not committed yet) and whose consumer position is beyond the
+        committed offset has only offsets without records of ours behind it;
+        committing that position keeps the committed lag at 0 on an idle
+        transactional topic. Caller holds the lock.
         """
         if self._registry_paused:
             return {}
-        in_flight = {(r.topic, r.partition) for batch in self._in_flight for r in batch.records}
         out = {}
         for tp in owned:
             committed = self._committed.get(tp)
-            if committed is None or tp in offsets or tp in in_flight or tp in self._resume_at \
-                    or not self._ledger.settled(tp):
+            if committed is None or tp in offsets or not self._ledger.settled(tp):
                 continue
             pos = self._input.position(*tp)
             accepted = self._ledger.position(tp)
@@ -689,15 +697,16 @@ class StreamJob:
         return out
 
     def _settle_assigned(self, now: float) -> None:
-        """Read the group's committed offsets of newly assigned partitions; commit where the files are ahead.
+        """Read the group's committed offsets of newly assigned partitions; where the files are ahead, have
+        :meth:`_commit` commit where they end.
 
         After a resume from files (a reset group, a new group over the same
         output) the job seeks past what the files hold; committing that
         position at once keeps the group's committed lag true even when no new
         record arrives. Before a partition's first commit, committed lag is
         measured from where consumption starts (the log start offset with
-        ``auto_offset_reset=earliest``, else the end offset now). Failures are
-        retried a few seconds later.
+        ``auto_offset_reset=earliest``, else the end offset now). Failed reads
+        are retried a few seconds later, failed commits by :meth:`_commit`.
         """
         with self._lock:
             waiting = dict(self._resume_at)
@@ -723,7 +732,6 @@ class StreamJob:
             self._next_committed_read = now + 5.0
             return
         self._settle_failing_since, self._settle_warned = None, False
-        to_commit: dict[TP, int] = {}
         with self._lock:
             owned = set(self._input.assignment())
             for tp, resume in waiting.items():
@@ -737,30 +745,11 @@ class StreamJob:
                                 "recreated?); not committing past its end", tp[0], tp[1], resume - 1, ends[tp])
                     resume = None
                 if resume is not None and resume > known:
-                    to_commit[tp] = resume
+                    self._resume_commits[tp] = resume  # sent by _commit, retried there until it lands
                 elif known >= 0:
                     self._committed[tp] = known
                 elif tp in starts:
                     self._committed[tp] = starts[tp]
-        if not to_commit:
-            return
-        try:
-            ok = self._input.commit(to_commit)
-        except Exception as exc:  # noqa: BLE001 - retried with the next read
-            metrics.COMMITS.labels("error").inc()
-            log.warning("committing the resume positions from the files failed, will retry: %s", exc)
-            with self._lock:
-                for tp, resume in to_commit.items():
-                    self._resume_at.setdefault(tp, resume)
-            self._next_committed_read = now + 5.0
-            return
-        metrics.COMMITS.labels("ok" if ok else "rebalanced").inc()
-        if ok:
-            with self._lock:
-                for tp, off in to_commit.items():
-                    self._committed[tp] = max(off, self._committed.get(tp, -1))
-            log.info("committed the positions the files end at (resume): %s",
-                     ", ".join(f"{t}-{p}@{o}" for (t, p), o in sorted(to_commit.items())))
 
     def _apply_backpressure(self) -> None:
         limit = self.config.output.max_buffered_rows * 2
@@ -849,6 +838,7 @@ class StreamJob:
             self._progress.pop(tp, None)
             self._assigned_at.pop(tp, None)
             self._resume_at.pop(tp, None)
+            self._resume_commits.pop(tp, None)
             self._committed.pop(tp, None)
             for gauge in (metrics.CONSUMER_LAG, metrics.COMMITTED_LAG):
                 try:

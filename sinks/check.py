@@ -30,22 +30,22 @@ def check_output(url: str, storage_options: dict[str, Any] | None = None) -> Non
     and removed. Remote stores are not contacted here (credentials may come
     later, an outage is retried by the job).
     """
-    protocol, _path = fsspec.core.split_protocol(url.split("::")[-1])
-    if "::" in url or protocol not in (None, "file", "local"):
-        try:
-            for part in url.split("::"):  # chained URLs: every layer's file system must be importable
-                part_protocol = fsspec.core.split_protocol(part)[0] or "file"
-                protocol = part_protocol
-                fsspec.get_filesystem_class(part_protocol)
-        except ImportError as exc:
-            extra = _EXTRAS.get(protocol)
-            hint = f"pip install 'nlpstream[{extra}]'" if extra else "install the fsspec file system package it names"
-            raise SinkConfigError(f"output {redact_url(url)}: {protocol}:// needs a package that is not installed "
-                                  f"({exc}); {hint} (the container image has them all)") from None
-        except ValueError as exc:
-            raise SinkConfigError(f"output {redact_url(url)}: unknown storage protocol {protocol!r} ({exc})") from None
+    parts = url.split("::")  # chained URLs: every layer's file system must be importable
+    protocols = [fsspec.core.split_protocol(part)[0] or "file" for part in parts]
+    if len(parts) > 1 or protocols[0] not in ("file", "local"):
+        for protocol in protocols:
+            try:
+                fsspec.get_filesystem_class(protocol)
+            except ImportError as exc:
+                extra = _EXTRAS.get(protocol)
+                hint = f"pip install 'nlpstream[{extra}]'" if extra else "install the fsspec file system package it names"
+                raise SinkConfigError(f"output {redact_url(url)}: {protocol}:// needs a package that is not installed "
+                                      f"({exc}); {hint} (the container image has them all)") from None
+            except ValueError as exc:
+                raise SinkConfigError(f"output {redact_url(url)}: unknown storage protocol {protocol!r} "
+                                      f"({exc})") from None
         return
-    folder = Path(_path if protocol else url).expanduser()
+    folder = Path(fsspec.core.split_protocol(url)[1]).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -156,6 +156,9 @@ class Engine:
             raise InferenceError(f"min_agreement ({min_agreement}) must be between 0 and 1")
         self.bundle = bundle
         self.labels = bundle.labels
+        self.heads = bundle.head_labels  # (name, labels) per head; the first is the main one
+        self.segments: tuple[int, ...] = tuple(len(labels) for _, labels in self.heads)
+        self._bounds = [(sum(self.segments[:k]), sum(self.segments[: k + 1])) for k in range(len(self.segments))]
         self.model_name = bundle.name
         self.max_length = bundle.max_length
         on_gpu = any(str(d).startswith("cuda") for d in devices)
@@ -228,9 +231,10 @@ class Engine:
 
             fp32, int8 = ovb.load_models(self.bundle, int8=mode == "openvino-int8")
             if int8 is None:
-                return OpenVINORunner(ovb.compile_cpu(fp32, "bf16"), "openvino-bf16")
+                return OpenVINORunner(ovb.compile_cpu(fp32, "bf16"), "openvino-bf16", segments=self.segments)
             return OpenVINORunner(ovb.compile_cpu(int8, "bf16"), "openvino-int8+bf16-guard",
-                                  guard=ovb.compile_cpu(fp32, "bf16", latency=True), guard_margin=ovb.GUARD_MARGIN)
+                                  guard=ovb.compile_cpu(fp32, "bf16", latency=True), guard_margin=ovb.GUARD_MARGIN,
+                                  segments=self.segments)
         dtype = {"torch-fp32": torch.float32, "torch-bf16": torch.bfloat16, "torch-fp16": torch.float16}[mode]
         module = self.bundle.module
         if device.type == "cuda":
@@ -238,7 +242,7 @@ class Engine:
 
             module = copy.deepcopy(module).to(device=device, dtype=dtype)
         module.eval()
-        return TorchRunner(module, device, dtype)
+        return TorchRunner(module, device, dtype, self.segments)
 
     # -- public API -------------------------------------------------------
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
@@ -364,8 +368,27 @@ class Engine:
 
     # -- internals ----------------------------------------------------------
     def _prediction(self, row: list[float]) -> Prediction:
-        score = max(row)
-        return Prediction(label=self.labels[row.index(score)], score=float(score), probs=dict(zip(self.labels, row)))
+        if len(self.heads) == 1:
+            score = max(row)
+            return Prediction(label=self.labels[row.index(score)], score=float(score), probs=dict(zip(self.labels, row)))
+        preds = []
+        for (_, labels), (a, b) in zip(self.heads, self._bounds):
+            part = row[a:b]
+            score = max(part)
+            preds.append(Prediction(label=labels[part.index(score)], score=float(score), probs=dict(zip(labels, part))))
+        first = preds[0]
+        return Prediction(first.label, first.score, first.probs,
+                          heads={name: p for (name, _), p in zip(self.heads[1:], preds[1:])})
+
+    def _margin(self, row: list[float]) -> float:
+        """The smallest top-two probability gap over the heads (inf when no head has two labels)."""
+        return min((_margin(row[a:b]) for a, b in self._bounds if b - a > 1), default=float("inf"))
+
+    def _argmax(self, row: list[float]) -> tuple[int, ...]:
+        """Label index per head; (-1,) when the row holds a NaN or an infinity."""
+        if not all(v == v and abs(v) != float("inf") for v in row):
+            return (-1,)
+        return tuple(max(range(a, b), key=row.__getitem__) - a for a, b in self._bounds)
 
     @functools.cached_property
     def _specials(self) -> tuple[list[int], list[int]]:
@@ -427,7 +450,7 @@ class Engine:
         item_rows, failures = self._run(items)
         for j in failures:
             bad.setdefault(owners[j], failures[j])
-        sums: list[list[float]] = [[0.0] * len(self.labels) for _ in texts]
+        sums: list[list[float]] = [[0.0] * sum(self.segments) for _ in texts]
         weights = [0.0] * len(texts)
         for owner, ids_, row in zip(owners, items, item_rows):
             if owner in bad or row is None:
@@ -463,7 +486,7 @@ class Engine:
         if runner is None:
             return
         margin = runner.guard_margin  # type: ignore[attr-defined]
-        unsure = [i for i, row in enumerate(rows) if row is not None and len(row) > 1 and _margin(row) < margin]
+        unsure = [i for i, row in enumerate(rows) if row is not None and self._margin(row) < margin]
         if not unsure:
             return
         metrics.GUARD_RERUNS.inc(len(unsure))
@@ -515,8 +538,9 @@ class Engine:
                     f"sample texts, below min_agreement {min_agreement:.0%}; use precision='fp32' (or a "
                     "lower min_agreement if this model is known to be unsure)")
 
-    def _labels_of(self, runner: Runner, ids: list[list[int]], batches: list[Batch]) -> list[int]:
-        labels = [-1] * len(ids)
+    def _labels_of(self, runner: Runner, ids: list[list[int]], batches: list[Batch]) -> list[tuple[int, ...]]:
+        """Label index per head of every sample text, as the runner (and its guard) gives them."""
+        labels: list[tuple[int, ...]] = [(-1,)] * len(ids)
         for batch in batches:
             input_ids, mask = self._pad(ids, batch)
             with torch.inference_mode():
@@ -525,11 +549,10 @@ class Engine:
             rows = probs.tolist()
             if guard is not None:  # the engine's int8 path as it runs: unsure rows through the guard graph
                 reference = runner.reference(input_ids, mask).tolist()  # type: ignore[attr-defined]
-                rows = [ref if len(r) > 1 and _margin(r) < runner.guard_margin else r  # type: ignore[attr-defined]
+                rows = [ref if self._margin(r) < runner.guard_margin else r  # type: ignore[attr-defined]
                         for r, ref in zip(rows, reference)]
             for row, idx in zip(rows, batch.indices):
-                finite = all(v == v and abs(v) != float("inf") for v in row)
-                labels[idx] = max(range(len(row)), key=row.__getitem__) if finite else -1
+                labels[idx] = self._argmax(row)
         return labels
 
 

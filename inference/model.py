@@ -25,8 +25,11 @@ _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_mode
 class ModelBundle:
     """A loaded classifier: ``module(input_ids, attention_mask) -> logits``.
 
-    ``labels[i]`` names logit column i; ``max_length`` is the longest input
-    in tokens the model accepts (special tokens included).
+    ``labels[i]`` names logit column i of the (first) head; ``max_length``
+    is the longest input in tokens the model accepts (special tokens
+    included). A multi-head model (heads sharing one backbone) lists every
+    head in ``heads`` as ``(name, labels)``; its logits are the heads'
+    logits side by side, in that order.
     """
 
     name: str
@@ -34,6 +37,12 @@ class ModelBundle:
     tokenizer: Any
     labels: tuple[str, ...]
     max_length: int
+    heads: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def head_labels(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """``(name, labels)`` of every head, first the main one (a one-head model: ``(("", labels),)``)."""
+        return self.heads or (("", self.labels),)
 
 
 class _HFLogits:
@@ -124,9 +133,12 @@ def load_hf_model(spec: str) -> ModelBundle:
 
 
 def load_model(spec: str) -> ModelBundle:
-    """Load ``builtin:<name>`` or a Hugging Face model (see :func:`load_hf_model`)."""
-    if spec.startswith("builtin:"):
-        from nlpstream.inference.builtin import load_builtin
+    """Load ``builtin:<name>``, a head folder written by ``nlpstream train-head``, several of those
+    separated by commas (heads sharing the packaged backbone, one forward pass), or a Hugging Face
+    model (see :func:`load_hf_model`)."""
+    from nlpstream.inference.heads import is_head_spec, load_heads
 
-        return load_builtin(spec.split(":", 1)[1])
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) > 1 or is_head_spec(parts[0]):
+        return load_heads(parts)
     return load_hf_model(spec)

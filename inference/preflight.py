@@ -15,7 +15,8 @@ from typing import Any
 from nlpstream.inference.errors import DeviceError, InferenceError, ModelLoadError
 
 MODEL_CHOICES = ("give a local Hugging Face model directory (safetensors weights), 'builtin:sentiment', "
-                 "or a hub id present in the local Hugging Face cache")
+                 "a head folder written by 'nlpstream train-head', several heads separated by commas "
+                 "('builtin:sentiment,builtin:topic'), or a hub id present in the local Hugging Face cache")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -28,7 +29,20 @@ def check_engine_options(model: str = "builtin:sentiment", devices: str = "auto"
 
 
 def check_model(spec: str) -> None:
-    """ModelLoadError unless ``spec`` names a builtin, an existing directory, or a hub id that can be loaded."""
+    """ModelLoadError unless ``spec`` names a builtin, an existing directory, a hub id that can be loaded,
+    or several heads (builtins and ``train-head`` folders) separated by commas."""
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) > 1:
+        for part in parts:
+            if not part:
+                raise ModelLoadError(f"model {spec!r} has an empty part between commas")
+            if part.startswith("builtin:"):
+                check_model(part)
+            elif not (Path(part).expanduser() / "head.json").is_file():
+                raise ModelLoadError(
+                    f"{part!r} in --model {spec!r} is not a head: several models separated by commas must each be "
+                    "'builtin:<name>' or a folder written by 'nlpstream train-head' (with head.json)")
+        return
     if spec.startswith("builtin:"):
         from nlpstream.inference.builtin import BUILTINS
 

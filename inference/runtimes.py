@@ -20,8 +20,28 @@ import numpy as np
 import torch
 
 
+def segment_softmax(logits: torch.Tensor, segments: tuple[int, ...] | None) -> torch.Tensor:
+    """Softmax over each head's columns (``segments``: label counts per head; None = one head)."""
+    logits = logits.float()
+    if not segments or len(segments) == 1:
+        return torch.softmax(logits, dim=-1)
+    return torch.cat([torch.softmax(part, dim=-1) for part in torch.split(logits, list(segments), dim=-1)], dim=-1)
+
+
+def _segment_softmax_np(logits: np.ndarray, segments: tuple[int, ...] | None) -> np.ndarray:
+    logits = logits.astype(np.float32)
+    parts = np.split(logits, np.cumsum(segments)[:-1], axis=-1) if segments and len(segments) > 1 else [logits]
+    out = []
+    for part in parts:
+        part = part - part.max(axis=-1, keepdims=True)
+        exp = np.exp(part)
+        out.append(exp / exp.sum(axis=-1, keepdims=True))
+    return out[0] if len(out) == 1 else np.concatenate(out, axis=-1)
+
+
 class Runner(Protocol):
-    """Executes ``(input_ids, attention_mask) -> probs`` (float32, CPU tensor)."""
+    """Executes ``(input_ids, attention_mask) -> probs`` (float32, CPU tensor); a multi-head model's
+    probabilities are each head's softmax, side by side."""
 
     name: str
     concurrency: int
@@ -34,10 +54,12 @@ class TorchRunner:
 
     concurrency = 1
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 segments: tuple[int, ...] | None = None) -> None:
         self.module = module
         self.device = device
         self.dtype = dtype
+        self.segments = segments
         self.name = f"torch-{str(dtype).removeprefix('torch.')}"
 
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +71,7 @@ class TorchRunner:
                     logits = self.module(input_ids, mask)
             else:
                 logits = self.module(input_ids, mask)
-            return torch.softmax(logits.float(), dim=-1).cpu()
+            return segment_softmax(logits, self.segments).cpu()
 
     def release(self) -> None:
         """Return this device's cached blocks to the driver (after out-of-memory; on the replica's worker)."""
@@ -62,8 +84,9 @@ class OpenVINORunner:
     """OpenVINO CPU execution of a compiled model, one infer request per thread."""
 
     def __init__(self, compiled: Any, name: str, guard: Any | None = None, guard_margin: float = 0.0,
-                 concurrency: int | None = None) -> None:
+                 concurrency: int | None = None, segments: tuple[int, ...] | None = None) -> None:
         self.compiled = compiled
+        self.segments = segments
         self.guard = guard
         self.guard_margin = guard_margin
         self.name = name
@@ -95,12 +118,8 @@ class OpenVINORunner:
             setattr(self._local, slot, req)
         return req
 
-    @staticmethod
-    def _probs(logits: np.ndarray) -> np.ndarray:
-        logits = logits.astype(np.float32)
-        logits -= logits.max(axis=-1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=-1, keepdims=True)
+    def _probs(self, logits: np.ndarray) -> np.ndarray:
+        return _segment_softmax_np(logits, self.segments)
 
     @staticmethod
     def _infer(request: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:

@@ -8,6 +8,11 @@ Two rules:
   It fires when the share reaches ``window_share`` and re-arms only after
   the share falls below it again.
 
+With a multi-head model the rules can watch any head (``message_head``), and
+``where`` keeps only the messages whose heads have given labels: for example
+``message_head: sentiment`` and ``where: {topic: billing}`` alert on negative
+billing messages and on customers whose billing messages turn negative.
+
 Alert ids hash the rule, key and the triggering message id, so replaying the
 same input yields the same ids, and sinks drop ids they already delivered.
 """
@@ -16,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from nlpstream.jobs.config import AlertConfig
+from nlpstream.jobs.config import AlertConfig, ConfigError
 from nlpstream.sinks import Alert
 
 
@@ -34,6 +40,7 @@ class LabeledMessage:
     score: float
     event_time_ms: int
     key: str | None
+    heads: dict[str, tuple[str, float]] = field(default_factory=dict)  # further heads: name -> (label, score)
 
 
 def alert_id(*parts: str) -> str:
@@ -57,26 +64,50 @@ class AlertRules:
         self.config = config
         self.max_keys = max_keys
         self._windows: OrderedDict[str, _KeyWindow] = OrderedDict()
+        self._first = ""  # the first head's name: its label and score are the message's own
+        watched = f"{config.message_head}." if config.message_head else ""
+        where = "".join(f"[{k}={v}]" for k, v in sorted(config.where.items()))
+        self._rule_label = f"{where}{watched}{config.message_label}"
+
+    def check_heads(self, names: Sequence[str]) -> None:
+        """ConfigError unless every head the rules name is one of ``names`` (the model's heads, first the main one)."""
+        self._first = names[0] if names else ""
+        named = ([self.config.message_head] if self.config.message_head else []) + list(self.config.where)
+        unknown = [n for n in named if n not in names]
+        if unknown:
+            known = ", ".join(repr(n) for n in names if n) or "none (a one-head model: leave message_head and where unset)"
+            raise ConfigError(f"alerts name the head {unknown[0]!r}, but the model's heads are {known}")
+
+    def _head(self, msg: LabeledMessage, name: str | None) -> tuple[str, float]:
+        if not name or name == self._first:
+            return msg.label, msg.score
+        return msg.heads[name]
+
+    def _matches(self, msg: LabeledMessage) -> bool:
+        return all(self._head(msg, name)[0] == label for name, label in self.config.where.items())
 
     def evaluate(self, messages: list[LabeledMessage]) -> list[Alert]:
         """Alerts fired by ``messages`` (in order)."""
         alerts: list[Alert] = []
         for msg in messages:
+            if self.config.where and not self._matches(msg):
+                continue
             alerts.extend(self._message_rule(msg))
             alerts.extend(self._window_rule(msg))
         return alerts
 
     def _message_rule(self, msg: LabeledMessage) -> list[Alert]:
         threshold = self.config.message_min_score
-        if threshold is None or msg.label != self.config.message_label or msg.score < threshold:
+        label, score = self._head(msg, self.config.message_head)
+        if threshold is None or label != self.config.message_label or score < threshold:
             return []
-        rule = f"message:{self.config.message_label}>={threshold}"
+        rule = f"message:{self._rule_label}>={threshold}"
         return [
             Alert(
                 id=alert_id(rule, msg.message_id),
                 rule=rule, kind="message", topic=msg.topic, partition=msg.partition, offset=msg.offset,
                 message_id=msg.message_id, key=msg.key, event_time_ms=msg.event_time_ms,
-                details={"label": msg.label, "score": round(msg.score, 4)},
+                details={"label": label, "score": round(score, 4)},
             )
         ]
 
@@ -91,7 +122,7 @@ class AlertRules:
                 self._windows.popitem(last=False)
         else:
             self._windows.move_to_end(msg.key)
-        hit = msg.label == cfg.message_label
+        hit = self._head(msg, cfg.message_head)[0] == cfg.message_label
         window.events.append((msg.event_time_ms, hit))
         window.hits += hit
         horizon = msg.event_time_ms - int(cfg.window_seconds * 1000)
@@ -107,7 +138,7 @@ class AlertRules:
         if window.firing:
             return []
         window.firing = True
-        rule = f"window:{cfg.window_key_field}:{cfg.message_label}>={cfg.window_share}/{cfg.window_seconds:g}s"
+        rule = f"window:{cfg.window_key_field}:{self._rule_label}>={cfg.window_share}/{cfg.window_seconds:g}s"
         return [
             Alert(
                 id=alert_id(rule, msg.key, msg.message_id),

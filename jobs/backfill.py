@@ -117,7 +117,8 @@ def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, pro
             rows = [
                 OutputRow(config.topic_name or _safe_name(path.stem), file_index if config.topic_name else 0, start + i,
                           str(ids[i]) if ids[i] is not None else f"{path.name}-{start + i}",
-                          texts[i], p.label, p.score, _to_ms(times[i], now_ms), now_ms, engine.model_name)
+                          texts[i], p.label, p.score, _to_ms(times[i], now_ms), now_ms, engine.model_name,
+                          tuple((name, h.label, h.score) for name, h in getattr(p, "heads", {}).items()))
                 for i, p in labeled
             ]
             sink.write(rows)

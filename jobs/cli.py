@@ -117,7 +117,7 @@ def stream(
     signal.signal(signal.SIGINT, lambda *_: job.stop())
     try:
         summary = job.run()
-    except (ConsumerError, MetricsPortError, SinkError) as exc:  # brokers unreachable, port taken, output unusable
+    except (ConsumerError, MetricsPortError, SinkError, ConfigError) as exc:  # brokers unreachable, port taken, output unusable, alerts naming an unknown head
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except NoLiveDeviceError as exc:  # devices stopped answering while running: restart me
@@ -217,6 +217,10 @@ def classify(
         out = {"text": text, "label": pred.label, "score": round(pred.score, 6)}
         if probs:
             out["probs"] = {k: round(v, 6) for k, v in pred.probs.items()}
+        if pred.heads:
+            out["heads"] = {name: {"label": h.label, "score": round(h.score, 6),
+                                   **({"probs": {k: round(v, 6) for k, v in h.probs.items()}} if probs else {})}
+                            for name, h in pred.heads.items()}
         typer.echo(json.dumps(out, ensure_ascii=False))
 
 

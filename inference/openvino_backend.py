@@ -27,7 +27,10 @@ from nlpstream.inference.errors import InferenceError
 from nlpstream.inference.model import ModelBundle
 
 log = logging.getLogger(__name__)
-GUARD_MARGIN = 0.03  # int8 top-two margin under which a text is rerun in bf16
+# int8 top-two margin (per head, in calibrated probabilities) under which a text is rerun in bf16: measured
+# on 960 shipped texts with two heads, 0.03 kept 98.3-98.6% of fp32 labels (3.4% reruns), 0.06 keeps 99.2-99.4%
+# (6.2% reruns), 0.1 99.4-99.7% (9.5%)
+GUARD_MARGIN = 0.06
 _CALIBRATION_TEXTS = 300
 RUNTIME_CACHE_CAPACITY = 256
 

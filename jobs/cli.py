@@ -1,4 +1,4 @@
-"""The ``nlpstream`` command line: stream, backfill, classify, demo, kafka-local, bench."""
+"""The ``nlpstream`` command line: stream, backfill, classify, train-head, demo, kafka-local, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,7 +23,8 @@ registry_app = typer.Typer(help="A real local Schema Registry (Apicurio, Conflue
 app.add_typer(registry_app, name="registry-local")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (sections: kafka, input, model, output, alerts, metrics).")]
-ModelOpt = Annotated[Optional[str], typer.Option(help="builtin:sentiment, a local Hugging Face directory or a cached hub id.")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="builtin:sentiment, a local Hugging Face directory, a cached hub id, "
+                                                "or heads separated by commas (builtin:sentiment,builtin:topic,DIR).")]
 DevicesOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cpu:N, cuda, cuda:0,cuda:1.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16.")]
 
@@ -222,6 +224,38 @@ def classify(
                                    **({"probs": {k: round(v, 6) for k, v in h.probs.items()}} if probs else {})}
                             for name, h in pred.heads.items()}
         typer.echo(json.dumps(out, ensure_ascii=False))
+
+
+@app.command("train-head")
+def train_head(
+    data: Annotated[Path, typer.Option("--data", help="Labeled texts: JSONL, CSV or Parquet.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the head into (head.json, head.safetensors, MODEL_CARD.md).")],
+    text_field: Annotated[str, typer.Option(help="Column with the text.")] = "text",
+    label_field: Annotated[str, typer.Option(help="Column with the label (any strings).")] = "label",
+    name: Annotated[Optional[str], typer.Option(help="Head name: its output columns are <name>_label and <name>_score (default: the folder name).")] = None,
+    heldout: Annotated[float, typer.Option(help="Share of each label held out for the reported figures.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the fit (same seed, same bytes on one machine).")] = 13,
+) -> None:
+    """Train a classification head on your labeled texts over the packaged backbone (CPU, deterministic)."""
+    from nlpstream.inference import ModelLoadError
+    from nlpstream.inference.heads import HeadTrainingError, read_labeled
+    from nlpstream.inference.heads import train_head as train
+
+    head_name = name or out.resolve().name.lower().replace("-", "_")
+    started = time.monotonic()
+    try:
+        texts, labels = read_labeled(data, text_field, label_field)
+        spec = train(texts, labels, out, head_name, seed=seed, heldout=heldout, source=data.name)
+    except (HeadTrainingError, ModelLoadError) as exc:  # bad data or options: one line, exit 1
+        _model_error(exc)
+    held = spec["heldout"]
+    typer.echo(f"trained head {spec['name']!r} on {spec['train_size']} rows ({len(spec['labels'])} labels) "
+               f"in {time.monotonic() - started:.1f}s; held out {held['n']} rows:")
+    typer.echo(f"  accuracy {held['accuracy']:.3f}   calibration error (ECE, 10 bins) {held['ece_uncalibrated']:.3f} "
+               f"-> {held['ece']:.3f} with temperature {spec['temperature']:.3f}")
+    for label in spec["labels"]:
+        typer.echo(f"  F1 {label}: {held['f1'][label]:.3f}")
+    typer.echo(f"wrote {out}/head.json, head.safetensors, MODEL_CARD.md; use it with --model builtin:sentiment,{out}")
 
 
 @app.command()

@@ -52,3 +52,30 @@ def test_ids_are_stable_across_replays_and_keys_are_separate():
 def test_messages_without_key_are_ignored_by_window():
     rules = AlertRules(window_config())
     assert rules.evaluate([msg(i, "negative", key=None) for i in range(10)]) == []
+
+
+def test_rules_can_watch_a_further_head_and_filter_on_heads():
+    import pytest
+
+    from nlpstream.jobs.config import ConfigError
+
+    def tagged(i, sentiment, topic, score=0.99):
+        return LabeledMessage("t", 0, i, f"m{i}", sentiment, score, 1000 * i, "acme", {"topic": (topic, 0.9)})
+
+    # negative billing messages only: other topics never count, in the message or the window rule
+    rules = AlertRules(window_config(message_min_score=0.95, where={"topic": "billing"}))
+    rules.check_heads(["sentiment", "topic"])
+    msgs = [tagged(i, "negative", "delivery") for i in range(6)] + [tagged(10 + i, "negative", "billing") for i in range(4)]
+    alerts = rules.evaluate(msgs)
+    assert [a.message_id for a in alerts if a.kind == "message"] == ["m10", "m11", "m12", "m13"]
+    window = [a for a in alerts if a.kind == "window"]
+    assert len(window) == 1 and window[0].message_id == "m13" and "[topic=billing]" in window[0].rule
+    # the rules may watch the further head itself
+    rules = AlertRules(AlertConfig(message_head="topic", message_label="billing", message_min_score=0.85))
+    rules.check_heads(["sentiment", "topic"])
+    assert [a.message_id for a in rules.evaluate([tagged(1, "positive", "billing"), tagged(2, "negative", "account")])] == ["m1"]
+    # a head the model does not have: a clear configuration error before anything runs
+    with pytest.raises(ConfigError, match="head 'topic'"):
+        AlertRules(AlertConfig(where={"topic": "billing"})).check_heads([""])
+    # one-head models keep their rule names (and so their alert ids)
+    assert AlertRules(AlertConfig())._rule_label == "negative"

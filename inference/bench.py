@@ -256,3 +256,38 @@ def run_bench(n_texts: int | None = None, model: str = "builtin:sentiment", devi
     if "engine_vs_best_runtime" in result:
         echo(f"  engine / faster of onnxruntime int8 and openvino bf16 = {result['engine_vs_best_runtime']}x")
     return result
+
+
+def run_heads_bench(n_texts: int = 2000, precision: str = "auto", devices: str = "cpu",
+                    echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """One head against two heads sharing the backbone (builtin:sentiment vs builtin:sentiment,builtin:topic)
+    on the same texts, timed in turns (best of 3 each), cache off."""
+    from nlpstream.inference import load_engine
+
+    texts = make_corpus(n_texts)
+    one = load_engine("builtin:sentiment", devices, precision, cache_entries=0)
+    two = load_engine("builtin:sentiment,builtin:topic", devices, precision, cache_entries=0)
+    try:
+        one.classify(texts[:64])  # warm both graphs
+        two.classify(texts[:64])
+        best = {"one head": float("inf"), "two heads": float("inf")}
+        for _ in range(3):
+            for name, engine in (("one head", one), ("two heads", two)):
+                seconds, preds = _best_of(1, lambda e=engine: e.classify(texts))
+                best[name] = min(best[name], seconds)
+                if name == "one head":
+                    first = [p.label for p in preds]
+                else:
+                    same = sum(p.label == f for p, f in zip(preds, first)) / len(texts)
+    finally:
+        one.close()
+        two.close()
+    result = {"texts": len(texts), "precision": precision, "devices": devices,
+              "runs": [{"name": k, "seconds": round(v, 3), "texts_per_s": round(len(texts) / v, 1)} for k, v in best.items()],
+              "two_heads_time_ratio": round(best["two heads"] / best["one head"], 3),
+              "first_head_label_agreement": round(same, 4)}
+    for run in result["runs"]:
+        echo(f"  {run['name']:<12} {run['texts_per_s']:>10.1f} texts/s")
+    echo(f"  two heads / one head time = {result['two_heads_time_ratio']}x "
+         f"(first head's labels equal on {result['first_head_label_agreement']:.2%} of texts)")
+    return result

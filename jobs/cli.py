@@ -363,6 +363,7 @@ def bench(
     bootstrap_servers: Annotated[Optional[str], typer.Option(help="--pipeline: broker to use (default: start a local one).")] = None,
     messages: Annotated[int, typer.Option(help="--pipeline: messages on the bench topic.")] = 200_000,
     model_messages: Annotated[int, typer.Option(help="--pipeline: messages for the builtin-model run (0 skips it).")] = 3000,
+    heads: Annotated[bool, typer.Option("--heads", help="Time one head against two heads sharing the backbone instead.")] = False,
 ) -> None:
     """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), measure GPUs,
     or (--pipeline) the stream job's host path against a bare consumer."""
@@ -374,10 +375,19 @@ def bench(
         if json_out is not None:
             json_out.write_text(json.dumps(out, indent=2))
         return
-    from nlpstream.inference.bench import run_bench, run_memory_loop
+    from nlpstream.inference.bench import run_bench, run_heads_bench, run_memory_loop
 
     _preflight(model or "builtin:sentiment", devices, precision or "auto")
     from nlpstream.inference import InferenceError
+
+    if heads:
+        try:
+            out = run_heads_bench(texts or 2000, precision or "auto", devices, echo=typer.echo)
+        except InferenceError as exc:
+            _model_error(exc)
+        if json_out is not None:
+            json_out.write_text(json.dumps(out, indent=2))
+        return
 
     try:
         result = run_bench(n_texts=texts, model=model or "builtin:sentiment", devices=devices,

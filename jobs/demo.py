@@ -6,6 +6,7 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -16,6 +17,26 @@ from nlpstream.jobs.stream import StreamJob
 
 BAD_VALUES: tuple[bytes | None, ...] = (b"\xff\xfe not utf-8", b"", b"{not json", b"[1, 2, 3]", b'{"id": "no-text"}',
                                         b'{"text": "   "}', b'{"text": 42}')
+
+
+DEMO_MODEL = "builtin:sentiment,builtin:topic"  # two heads, one forward pass: sentiment by topic
+
+
+def sentiment_by_topic(folder: Path) -> Any:
+    """A rich table of sentiment counts per customer-service topic, read back from the Parquet output."""
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(folder), format="parquet", partitioning="hive").to_table(columns=["label", "topic_label"])
+    counts = table.group_by(["topic_label", "label"]).aggregate([("label", "count")]).to_pylist()
+    labels = sorted({c["label"] for c in counts})
+    grid = Table(title="sentiment by topic (from the Parquet files)")
+    grid.add_column("topic")
+    for label in labels:
+        grid.add_column(label, justify="right")
+    for topic in sorted({c["topic_label"] for c in counts}):
+        cells = {c["label"]: c["label_count"] for c in counts if c["topic_label"] == topic}
+        grid.add_row(topic, *(str(cells.get(label, 0)) for label in labels))
+    return grid
 
 
 def sample_traffic() -> list[dict[str, str]]:
@@ -80,7 +101,7 @@ def run_demo(messages: int, output: Path, data_dir: Path | None, keep_broker: bo
         config = StreamConfig.model_construct(
             kafka=KafkaConfig(bootstrap_servers=info.bootstrap_servers, topics=[topic], group_id=f"{topic}-group"),
             input=InputConfig(),
-            model=ModelConfig(devices=devices),
+            model=ModelConfig(model=DEMO_MODEL, devices=devices),
             output=OutputConfig(output=str(output), flush_interval=2.0),
             alerts=AlertConfig(alert_topic=f"{topic}.alerts", alert_file=str(alert_file),
                                window_key_field="customer,ticker"),
@@ -106,6 +127,8 @@ def run_demo(messages: int, output: Path, data_dir: Path | None, keep_broker: bo
     table.add_row("Parquet files", str(len(summary.files)))
     table.add_row("throughput", f"{summary.throughput:.0f} msg/s over {summary.seconds:.1f}s (model load included)")
     console.print(table)
+    if summary.labeled:
+        console.print(sentiment_by_topic(output / f"topic={topic}"))
     console.print(f"output: [green]{(output / f'topic={topic}').resolve()}[/]")
     console.print(f"read it back: python -c \"import pyarrow.dataset as ds; "
                   f"print(ds.dataset('{output}', partitioning='hive').to_table().slice(0, 5))\"")

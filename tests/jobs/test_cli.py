@@ -164,3 +164,5 @@ def test_demo_runs_end_to_end(tmp_path):
     produced_bad = 1  # one bad record every 97 messages
     assert table.num_rows == 150 - produced_bad
     assert len(list((tmp_path / "demo").glob("_alerts-*.jsonl"))) == 1
+    assert set(table.column("topic_label").to_pylist()) <= {"billing", "delivery", "technical", "account", "product", "other"}
+    assert "sentiment by topic" in proc.stdout

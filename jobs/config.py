@@ -9,6 +9,7 @@ come from files (``NLPSTREAM_KAFKA__SASL_PASSWORD_FILE``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,10 +144,34 @@ class ModelConfig(_Section):
                 "target_latency_ms": self.target_latency_ms, "min_agreement": self.min_agreement}
 
 
-class OutputConfig(_Section):
-    """Where and how Parquet files are written."""
+_SECRET_KEY = re.compile(r"(token|secret|password|credential|key)", re.IGNORECASE)
 
-    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL.")
+
+class IcebergConfig(_Section):
+    """The Iceberg catalog and table (``output.format: iceberg``)."""
+
+    catalog: dict[str, Any] = Field(default_factory=dict, description=(
+        "Properties given to pyiceberg's load_catalog, e.g. {type: sql, uri: 'sqlite:///cat.db', "
+        "warehouse: 'file:///wh'} or a REST catalog; 'name' (default 'default') names the catalog."))
+    table: str | None = Field(None, description="'namespace.table', created (partitioned by topic and date) when missing.")
+
+
+class OutputConfig(_Section):
+    """Where and how rows are written: Parquet files, a Delta Lake table or an Iceberg table."""
+
+    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL (the table location for delta).")
+    format: Literal["parquet", "delta", "iceberg"] = Field("parquet", description=(
+        "parquet: hive folders of files; delta: a Delta Lake table at 'output'; iceberg: the table in 'iceberg'."))
+    iceberg: IcebergConfig = Field(default_factory=IcebergConfig)
+
+    @model_validator(mode="after")
+    def _check_format(self) -> "OutputConfig":
+        if self.format == "iceberg" and (not self.iceberg.table or not self.iceberg.catalog):
+            raise ValueError("output.format iceberg needs output.iceberg.catalog (pyiceberg catalog properties) "
+                             "and output.iceberg.table ('namespace.table')")
+        if self.format == "iceberg" and "." not in (self.iceberg.table or ""):
+            raise ValueError(f"output.iceberg.table {self.iceberg.table!r} must be 'namespace.table'")
+        return self
     include_text: bool = Field(True, description="Write the text column.")
     flush_interval: float = Field(10.0, gt=0, description="Seconds between file flushes (and commits).")
     max_buffered_rows: int = Field(50_000, ge=1, description="Flush early when this many rows are buffered.")
@@ -187,8 +212,13 @@ class _BaseJobConfig(BaseSettings):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def redacted(self) -> dict[str, Any]:
-        """The configuration as JSON-able data with secrets masked."""
-        return self.model_dump(mode="json")
+        """The configuration as JSON-able data with secrets masked (catalog credentials included)."""
+        data = self.model_dump(mode="json")
+        catalog = data.get("output", {}).get("iceberg", {}).get("catalog", {})
+        for key in catalog:
+            if _SECRET_KEY.search(key):
+                catalog[key] = "**********"
+        return data
 
 
 class StreamConfig(_BaseJobConfig):

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,9 +40,9 @@ from nlpstream.inference import DeviceError, Engine, Prediction, load_engine
 from nlpstream.inference.preflight import check_engine_options
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
-from nlpstream.jobs.config import StreamConfig
+from nlpstream.jobs.config import OutputConfig, StreamConfig
 from nlpstream.jobs.ledger import OffsetLedger
-from nlpstream.sinks import (AlertSink, FileAlertSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
+from nlpstream.sinks import (AlertSink, DeltaSink, FileAlertSink, IcebergSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
                              WebhookAlertSink, check_output)
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,18 @@ def connection_settings(config: StreamConfig) -> ConnectionSettings:
         ssl_keyfile=k.ssl_keyfile,
         ssl_password=k.key_password(),
     )
+
+
+def build_sink(output: OutputConfig, heads: Sequence[str] = ()) -> Any:
+    """The row sink of ``output.format``; a table sink checks its table (or catalog) first (SinkError)."""
+    if output.format == "delta":
+        sink: Any = DeltaSink(output.output, output.include_text, heads)
+    elif output.format == "iceberg":
+        sink = IcebergSink(output.iceberg.catalog, output.iceberg.table or "", output.include_text, heads)
+    else:
+        return ParquetSink(output.output, output.include_text, output.compression, skip_written=output.skip_written)
+    sink.check()
+    return sink
 
 
 def engine_head_names(engine: Any, model: str) -> list[str]:
@@ -164,10 +177,13 @@ class StreamJob:
         cfg = self.config
         started = time.monotonic()
         # cheap checks first: a mistake costs one line, not a model load or a wait for Kafka
-        check_output(cfg.output.output)
+        if cfg.output.format != "iceberg":  # an iceberg table lives in its catalog, checked with the sink
+            check_output(cfg.output.output)
         if self._engine is None:
             check_engine_options(**cfg.model.engine_options())
-        self._rules.check_heads(engine_head_names(self._engine, cfg.model.model))
+        head_names = engine_head_names(self._engine, cfg.model.model)
+        self._rules.check_heads(head_names)
+        self._sink = build_sink(cfg.output, head_names[1:])  # a table's columns and catalog checked here
         metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
         if cfg.metrics.metrics_port is not None:
             self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
@@ -184,8 +200,6 @@ class StreamJob:
         wait_for_kafka(conn, cfg.kafka.startup_timeout, log)
         if self._engine is None:
             self._engine = load_engine(**cfg.model.engine_options())
-        self._sink = ParquetSink(cfg.output.output, cfg.output.include_text,
-                                 cfg.output.compression, skip_written=cfg.output.skip_written)
         self._dlq = DeadLetterQueue(conn, cfg.dlq_topic())
         self._alert_sinks: list[AlertSink] = []
         self._alert_producer = None

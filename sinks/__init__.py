@@ -1,4 +1,4 @@
-"""Output sinks: Parquet files (local or fsspec URL) and alert sinks.
+"""Output sinks: Parquet files (local or fsspec URL), Delta Lake and Iceberg tables, and alert sinks.
 
 A sink is small: ``write(rows)``, ``flush()`` (durable on return),
 ``close()``. Sinks never commit offsets; the job does, after every flush.
@@ -10,12 +10,15 @@ from nlpstream.sinks.errors import SinkBackpressure, SinkConfigError, SinkError,
 from nlpstream.sinks.naming import FileKey, parse_name
 from nlpstream.sinks.parquet import ParquetSink, WrittenFile
 from nlpstream.sinks.schema import OutputRow, arrow_schema, to_table
+from nlpstream.sinks.tables import DeltaSink, IcebergSink
 
 __all__ = [
     "Alert",
     "AlertSink",
+    "DeltaSink",
     "FileAlertSink",
     "FileKey",
+    "IcebergSink",
     "KafkaAlertSink",
     "OutputRow",
     "ParquetSink",

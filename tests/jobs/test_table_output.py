@@ -1,0 +1,186 @@
+"""Delta Lake and Iceberg output: exactly-once through kill -9 and a group member killed and added, the
+Kafka progress read back from the table itself (real broker, tables read with Polars and pyiceberg)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import json_messages, produce
+from tests.jobs.faults import committed, reap, stream_proc, wait_for
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model]
+FORMATS = ("delta", "iceberg")
+
+
+@pytest.fixture(autouse=True)
+def _reap_jobs():
+    yield
+    reap()
+
+
+class Table:
+    """Where one format's table lives and how a reader sees it."""
+
+    def __init__(self, fmt: str, root: Path) -> None:
+        self.fmt = fmt
+        self.location = root / "table"
+        self.catalog = {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": f"file://{root / 'wh'}"}
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "job.yaml"
+        output = {"format": fmt}
+        if fmt == "iceberg":
+            output["iceberg"] = {"catalog": self.catalog, "table": "nlp.labeled"}
+        self.config.write_text(yaml.safe_dump({"output": output}))
+
+    def args(self) -> list[str]:
+        return ["--config", str(self.config)]
+
+    @property
+    def out(self) -> Path:
+        return self.location
+
+    def read(self):
+        """The whole table as Arrow (Polars for Delta, pyiceberg for Iceberg); None before the first commit."""
+        if self.fmt == "delta":
+            import polars as pl
+
+            if not (self.location / "_delta_log").exists():
+                return None
+            return pl.read_delta(str(self.location)).to_arrow()
+        from pyiceberg.catalog import load_catalog
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return load_catalog("default", **self.catalog).load_table("nlp.labeled").scan().to_arrow()
+        except NoSuchTableError:
+            return None
+
+    def rows(self) -> int:
+        table = self.read()
+        return 0 if table is None else table.num_rows
+
+    def progress(self, topic: str, partitions: int) -> list[int | None]:
+        """The last offset per partition as the table's own commits record it."""
+        if self.fmt == "delta":
+            from deltalake import DeltaTable
+
+            table = DeltaTable(str(self.location))
+            return [table.transaction_version(f"nlpstream:{topic}:{p}") for p in range(partitions)]
+        from pyiceberg.catalog import load_catalog
+
+        summary = load_catalog("default", **self.catalog).load_table("nlp.labeled").current_snapshot().summary
+        values = summary.additional_properties
+        return [int(values[f"nlpstream.offset.{topic}.{p}"]) if f"nlpstream.offset.{topic}.{p}" in values else None
+                for p in range(partitions)]
+
+
+def check_exactly_once(table: Table, topic: str, parts: int, n: int) -> None:
+    data = table.read()
+    pairs = list(zip(data.column("partition").to_pylist(), data.column("offset").to_pylist()))
+    assert len(pairs) == n and len(set(pairs)) == n, f"{len(pairs)} rows, {len(set(pairs))} distinct of {n}"
+    assert set(data.column("topic").to_pylist()) == {topic} and None not in data.column("label").to_pylist()
+    ends = [max(o for p, o in pairs if p == q) for q in range(parts)]
+    assert table.progress(topic, parts) == ends
+
+
+def spawn(bootstrap, topic, table, group, log, *extra):
+    return stream_proc(bootstrap, topic, table.out, group, *table.args(), *extra, log=log)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 3, 3000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    table, log = Table(fmt, tmp_path), tmp_path / "job.log"
+    rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
+    kills, before = 0, []
+    for _ in range(6):
+        proc = spawn(kafka_bootstrap, topic, table, f"{unique}-g", log)
+        start = table.rows()
+        wait_for(lambda: table.rows() > start or proc.poll() is not None, 180, "a new commit", proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        done = table.rows()
+        assert proc.poll() is None, log.read_text()[-2000:]
+        proc.kill()
+        proc.wait(timeout=30)
+        if done >= n:
+            break
+        kills += 1
+        before.append(done)
+        if kills == 3:
+            break
+    assert kills >= 2, f"only {kills} kills landed mid-stream (rows before each: {before})"
+    final = spawn(kafka_bootstrap, topic, table, f"{unique}-g", log, "--idle-timeout", "6")
+    assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
+    print(f"\nFAULT-TABLE | kill -9 ({fmt}) | {kills} | {n} | rows before each kill {before}")
+    check_exactly_once(table, topic, parts, n)
+    assert committed(kafka_bootstrap, f"{unique}-g", topic, parts) == [e + 1 for e in table.progress(topic, parts)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_group_member_killed_and_another_added(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
+    parts, n = 4, 3000
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
+    a = spawn(kafka_bootstrap, topic, table, group, log)
+    b = spawn(kafka_bootstrap, topic, table, group, log, "--idle-timeout", "10")
+    wait_for(lambda: table.rows() > 300, 180, "both members writing", b)
+    a.kill()
+    a.wait(timeout=30)
+    wait_for(lambda: table.rows() > 900, 180, "progress after the kill", b)
+    c = spawn(kafka_bootstrap, topic, table, group, log, "--idle-timeout", "10")
+    assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
+    check_exactly_once(table, topic, parts, n)
+
+
+def test_zombie_racing_the_new_owner_commits_nothing_twice(tmp_path):
+    """Two sinks over one table, both holding offsets 0..99 of a partition (an evicted worker and the new
+    owner): whichever commits second finds the rows there and writes nothing again, in both formats."""
+    from nlpstream.sinks import DeltaSink, IcebergSink, OutputRow
+
+    rows = [OutputRow("t", 0, o, f"m{o}", "x", "neutral", 0.5, 1764400000000, 1764400000000, "m") for o in range(100)]
+    for fmt in FORMATS:
+        table = Table(fmt, tmp_path / fmt)
+        make = (lambda: DeltaSink(str(table.location))) if fmt == "delta" else \
+            (lambda: IcebergSink(table.catalog, "nlp.labeled"))
+        zombie, owner = make(), make()
+        for sink in (zombie, owner):
+            sink.check()
+            sink.write(rows[:60] if sink is zombie else rows)
+        assert [(f.key.first_offset, f.key.last_offset) for f in owner.flush()] == [(0, 99)]
+        assert zombie.flush() == []  # its 0..59 are in the table already
+        assert owner.last_offset("t", 0) == 99 and table.rows() == 100
+
+
+def test_table_mismatch_and_bad_catalog_are_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    from nlpstream.sinks import DeltaSink, OutputRow, SinkError
+
+    location = tmp_path / "t"
+    sink = DeltaSink(str(location), include_text=False)
+    sink.write([OutputRow("t", 0, 0, "m0", "x", "neutral", 0.5, 1764400000000, 1764400000000, "m")])
+    sink.flush()
+    with pytest.raises(SinkError, match="does not match this job's output"):
+        DeltaSink(str(location), include_text=True).check()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"output": {"format": "iceberg", "iceberg": {
+        "catalog": {"type": "rest", "uri": "http://127.0.0.1:9"}, "table": "nlp.x"}}}))
+    proc = subprocess.run([sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--topic", "x", "--config", str(bad),
+                           "--bootstrap-servers", "127.0.0.1:9"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "iceberg table nlp.x" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -260,6 +260,45 @@ def train_head(
 
 
 @app.command()
+def compact(
+    output: Annotated[Optional[str], typer.Option(help="Output folder, or the table location with --output-format delta.")] = None,
+    output_format: Annotated[Optional[str], typer.Option(help="parquet (default), delta, or iceberg (catalog and table in --config).")] = None,
+    config: ConfigOpt = None,
+    date: Annotated[Optional[list[str]], typer.Option("--date", help="UTC day YYYY-MM-DD to compact (repeatable); default: every day before today.")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="Only this topic.")] = None,
+    target_rows: Annotated[int, typer.Option(help="Parquet folders: rows per merged file at most.")] = 1_000_000,
+) -> None:
+    """Merge small files into larger ones (Parquet folders, Delta and Iceberg tables), never showing readers a row twice."""
+    from datetime import datetime, timezone
+
+    from nlpstream.sinks import SinkError
+    from nlpstream.sinks.compact import compact_delta, compact_iceberg, compact_parquet
+
+    try:
+        cfg = load_config(StreamConfig, config, {"output.output": output, "output.format": output_format})
+    except ConfigError as exc:
+        _fail(str(exc))
+    out = cfg.output
+    dates = list(date or [])
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    try:
+        if out.format == "delta":
+            result = compact_delta(out.output, dates or None, topic)
+        elif out.format == "iceberg":
+            result = compact_iceberg(out.iceberg.catalog, out.iceberg.table or "", dates or None, topic)
+        else:
+            result = compact_parquet(out.output, dates or None, topic, target_rows, before=None if dates else today)
+    except (SinkError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - table library errors: one line
+        typer.echo(f"error: cannot compact {out.format} output: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"format": out.format, "compacted": result.partitions, "files_before": result.files_before,
+                           "files_after": result.files_after, "rows": result.rows}))
+
+
+@app.command()
 def demo(
     messages: Annotated[int, typer.Option(help="Messages to produce.")] = 600,
     output: Annotated[Path, typer.Option(help="Where output is left.")] = Path("nlpstream-demo-output"),

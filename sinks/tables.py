@@ -163,6 +163,13 @@ class _TableSink:
         raise NotImplementedError
 
 
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise SinkError(f"output format {extra} needs the '{module}' package: pip install 'nlpstream[{extra}]'")
+
+
 class _Conflict(Exception):
     """A concurrent commit won; reload and try again."""
 
@@ -194,7 +201,8 @@ class DeltaSink(_TableSink):
         return f"nlpstream:{topic}:{partition}"
 
     def check(self) -> None:
-        """SinkError when an existing table's columns differ from this job's."""
+        """SinkError when deltalake is missing or an existing table's columns differ from this job's."""
+        _require("deltalake", "delta")
         from deltalake import DeltaTable
         from deltalake.exceptions import TableNotFoundError
 
@@ -263,6 +271,7 @@ class IcebergSink(_TableSink):
     def check(self) -> None:
         """Create the namespace and table when missing; SinkError when the catalog is unusable or the
         existing table's columns differ from this job's."""
+        _require("pyiceberg", "iceberg")
         try:
             self._ensure_table()
         except SinkError:

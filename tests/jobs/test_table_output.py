@@ -184,3 +184,68 @@ def test_table_mismatch_and_bad_catalog_are_one_error_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "iceberg table nlp.x" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"chattr {flag} failed (needs root on ext4/xfs): {proc.stderr}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_table_refusing_commits_then_back(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
+    """The Delta log folder or the Iceberg catalog read-only mid-stream: retries, nothing committed to Kafka
+    meanwhile, one WARNING; then every record exactly once."""
+    parts, n = 3, 2500
+    topic = make_topic(unique, partitions=parts)
+    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
+    job = spawn(kafka_bootstrap, topic, table, group, log, "--max-messages", str(n))
+    wait_for(lambda: table.rows() > 300, 180, "first commits", job)
+    frozen = [table.location / "_delta_log"] if fmt == "delta" else [tmp_path / "catalog.db", tmp_path]
+    _chattr("+i", *frozen)
+    try:
+        time.sleep(1.5)
+        at_start, rows_at_start = committed(kafka_bootstrap, group, topic, parts), table.rows()
+        time.sleep(6)
+        assert committed(kafka_bootstrap, group, topic, parts) == at_start, "offsets committed during the outage"
+        assert table.rows() == rows_at_start and job.poll() is None
+    finally:
+        _chattr("-i", *frozen)
+    assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("flush failed, retrying with backoff") == 1 and "flush succeeded again after" in text
+    print(f"\nFAULT-TABLE | {fmt} table refusing commits 7.5 s | 1 | {n} | rows when it began {rows_at_start}")
+    check_exactly_once(table, topic, parts, n)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_broker_stopped_20s_mid_stream(fmt, unique, tmp_path):
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    from nlpstream.consumers import kafka_local
+
+    data = tmp_path / "broker"
+    info = kafka_local.start(data, port=0, timeout_s=120)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap_servers)
+        admin.create_topics([NewTopic(unique, 3, 1)])
+        admin.close()
+        n = 2500
+        produce(info.bootstrap_servers, unique, json_messages(n, prefix=unique))
+        table, log = Table(fmt, tmp_path), tmp_path / "job.log"
+        job = spawn(info.bootstrap_servers, unique, table, f"{unique}-g", log, "--max-messages", str(n))
+        wait_for(lambda: table.rows() > 300, 180, "first commits", job)
+        kafka_local.stop(data)
+        stopped_at = table.rows()
+        time.sleep(20)
+        assert job.poll() is None, "the job must wait for the broker, not exit"
+        kafka_local.start(data, timeout_s=120)
+        assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+        print(f"\nFAULT-TABLE | broker stopped 20 s ({fmt}) | 1 | {n} | rows when stopped {stopped_at}")
+        assert stopped_at < n
+        check_exactly_once(table, unique, 3, n)
+    finally:
+        kafka_local.stop(data)

@@ -194,7 +194,7 @@ class Engine:
         except BaseException:
             self._scheduler.close()
             raise
-        self.last_tokens = 0  # tokens computed by the latest classify call (cache hits excluded)
+        self.last_tokens = 0  # deprecated: tokens of the latest call; classify_counted returns them with the results
 
     # -- construction -----------------------------------------------------
     def _build_replicas(self, devices: list[str], precision: str) -> list[Replica]:
@@ -266,10 +266,15 @@ class Engine:
         Only DeviceError (no replica live, engine closed) is raised; the texts
         of that call then have no result and must not be dead-lettered.
         """
+        return self.classify_counted(texts)[0]
+
+    def classify_counted(self, texts: Sequence[str]) -> tuple[list[Prediction | TextError], int]:
+        """:meth:`classify_each` and the number of tokens computed for this call (cache hits excluded),
+        returned together so concurrent callers never read each other's count."""
         if self._closed:
             raise DeviceError("engine is closed")
         if len(texts) == 0:
-            return []
+            return [], 0
         unique: dict[str, int] = {}
         slots = [unique.setdefault(t, len(unique)) for t in texts]
         distinct = list(unique)
@@ -283,10 +288,11 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("miss").inc(len(distinct) - hits)
         missing = [i for i, r in enumerate(rows) if r is None]
         failed: dict[int, str] = {}
-        self.last_tokens = 0
+        tokens = 0
         if missing:
             with self._call_lock:
-                computed, errors = self._classify_texts([distinct[i] for i in missing])
+                computed, errors, tokens = self._classify_texts([distinct[i] for i in missing])
+                self.last_tokens = tokens
             for j, (i, row) in enumerate(zip(missing, computed)):
                 if j in errors:
                     failed[i] = errors[j]
@@ -302,7 +308,7 @@ class Engine:
         for pos, s in enumerate(slots):
             p = preds[s]
             out.append(TextError(pos, str(p)) if isinstance(p, TextError) else p)
-        return out
+        return out, tokens
 
     def submit(self, texts: Sequence[str]) -> Future[list[Prediction]]:
         """Queue ``texts`` to be batched with other callers' within ``max_batch_delay_ms``."""
@@ -424,18 +430,19 @@ class Engine:
                     errors[i] = f"tokenizer: {type(exc).__name__}: {exc}"
             return ids, errors
 
-    def _classify_texts(self, texts: list[str]) -> tuple[list[list[float] | None], dict[int, str]]:
-        """Probabilities per text (None where it failed) and ``{index: reason}`` of failed texts."""
+    def _classify_texts(self, texts: list[str]) -> tuple[list[list[float] | None], dict[int, str], int]:
+        """Probabilities per text (None where it failed), ``{index: reason}`` of failed texts, tokens computed."""
         if self.long_text == "truncate":
             ids, bad = self._tokenize_each(texts)
             good = [i for i in range(len(texts)) if i not in bad]
             rows, failures = self._run([ids[i] for i in good])
+            tokens = sum(len(ids[i]) for i in good)
             out: list[list[float] | None] = [None] * len(texts)
             for j, i in enumerate(good):
                 out[i] = rows[j]
                 if j in failures:
                     bad[i] = failures[j]
-            return out, bad
+            return out, bad, tokens
         items: list[list[int]] = []
         owners: list[int] = []
         bad = {}
@@ -458,7 +465,8 @@ class Engine:
             w = float(len(ids_))
             weights[owner] += w
             sums[owner] = [s + w * p for s, p in zip(sums[owner], row)]
-        return [None if i in bad else [s / (weights[i] or 1.0) for s in sums[i]] for i in range(len(texts))], bad
+        return ([None if i in bad else [s / (weights[i] or 1.0) for s in sums[i]] for i in range(len(texts))], bad,
+                sum(len(x) for x in items))
 
     def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""
@@ -468,7 +476,6 @@ class Engine:
         return replica.runner(input_ids, mask)
 
     def _run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
-        self.last_tokens = sum(len(x) for x in ids)
         if not ids:
             return [], {}
         rows, failures = self._scheduler.run(ids)

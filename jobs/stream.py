@@ -610,19 +610,20 @@ class StreamJob:
         only offers ``classify`` is bisected here, DeviceError still propagating.
         """
         assert self._engine is not None
+        counted = getattr(self._engine, "classify_counted", None)
+        if counted is not None:  # token counts come back with the results (no shared attribute to race on)
+            results, tokens = counted(texts)
+            metrics.BATCH_TOKENS.observe(tokens)
+            return list(results)
         each = getattr(self._engine, "classify_each", None)
         if each is not None:
-            results = list(each(texts))
-            metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
-            return results
+            return list(each(texts))
         return self._bisect(texts)
 
     def _bisect(self, texts: list[str]) -> list[Prediction | BaseException]:
         assert self._engine is not None
         try:
-            results = list(self._engine.classify(texts))
-            metrics.BATCH_TOKENS.observe(getattr(self._engine, "last_tokens", 0))
-            return results
+            return list(self._engine.classify(texts))
         except DeviceError:
             raise
         except Exception as exc:  # noqa: BLE001 - isolate the texts that make the model raise

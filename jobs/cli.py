@@ -165,7 +165,7 @@ def backfill(
     from nlpstream.sinks import SinkError, check_output
 
     try:
-        check_output(cfg.output.output)
+        check_output(cfg.output.output, cfg.output.storage_options)
     except SinkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -146,7 +146,11 @@ class ModelConfig(_Section):
 class OutputConfig(_Section):
     """Where and how Parquet files are written."""
 
-    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL.")
+    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL (s3://bucket/prefix, ...).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description=(
+        "Passed to the fsspec file system of an object-store URL, e.g. {key, secret, endpoint_url, "
+        "client_kwargs: {region_name}} for s3://. Every value is a secret: masked in redacted(), never logged, "
+        "not in error messages. Empty: the standard AWS environment (AWS_ACCESS_KEY_ID, ...)."))
     include_text: bool = Field(True, description="Write the text column.")
     flush_interval: float = Field(10.0, gt=0, description="Seconds between file flushes (and commits).")
     max_buffered_rows: int = Field(50_000, ge=1, description="Flush early when this many rows are buffered.")
@@ -187,8 +191,19 @@ class _BaseJobConfig(BaseSettings):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def redacted(self) -> dict[str, Any]:
-        """The configuration as JSON-able data with secrets masked."""
-        return self.model_dump(mode="json")
+        """The configuration as JSON-able data with secrets masked (every output.storage_options value)."""
+        data = self.model_dump(mode="json")
+        data["output"]["storage_options"] = _masked(data["output"].get("storage_options") or {})
+        return data
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every leaf replaced by '**********' (keys, and the nesting, stay readable)."""
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return "**********"
 
 
 class StreamConfig(_BaseJobConfig):
@@ -286,6 +301,6 @@ def _explain(exc: Any) -> str:
         if isinstance(value, (dict, list)) or value is None:
             lines.append(f"{where}: {err['msg']}")
             continue
-        shown = "<secret>" if "password" in where else repr(value)[:80]
+        shown = "<secret>" if "password" in where or "storage_options" in where else repr(value)[:80]
         lines.append(f"{where}: {err['msg']} (got {shown})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -35,6 +35,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client's per-request INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    # object-store clients log request headers and credential lookups at DEBUG: never with -v
+    for name in ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "azure", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> None:

@@ -40,6 +40,7 @@ class S3Server:
     secret: str
     admin_key_id: str
     admin_secret: str
+    _fs: Any = None
 
     def env(self) -> dict[str, str]:
         """The standard AWS environment of the writer (what a pod gets from its Secret)."""
@@ -59,11 +60,14 @@ class S3Server:
                             aws_secret_access_key=self.admin_secret if admin else self.secret)
 
     def filesystem(self) -> Any:
-        """A fresh s3fs file system as the writer (no cached listings)."""
+        """An s3fs file system as the writer, its listing cache dropped (one client, made once: tests poll)."""
         import s3fs
 
-        return s3fs.S3FileSystem(key=self.key_id, secret=self.secret, endpoint_url=self.endpoint,
-                                 client_kwargs={"region_name": REGION}, skip_instance_cache=True)
+        if self._fs is None:
+            self._fs = s3fs.S3FileSystem(key=self.key_id, secret=self.secret, endpoint_url=self.endpoint,
+                                         client_kwargs={"region_name": REGION}, skip_instance_cache=True)
+        self._fs.invalidate_cache()
+        return self._fs
 
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)

@@ -23,7 +23,7 @@ import yaml
 from nlpstream.jobs.config import StreamConfig, load_config
 from tests.conftest import json_messages, produce
 from tests.jobs.faults import committed, reap, restarts_of, stream_proc, wait_for
-from tests.s3 import ends_per_partition, exactness_s3, hidden_objects, read_back
+from tests.s3 import ends_per_partition, exactness_s3, hidden_objects, objects, read_back
 
 CLI = [sys.executable, "-m", "nlpstream.jobs.cli"]
 _AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
@@ -66,7 +66,7 @@ EXACT = {"lost": 0, "duplicated": 0, "unexpected": 0, "gaps": 0}
 @pytest.mark.model
 def test_stream_to_s3_with_env_credentials_every_message_once(kafka_bootstrap, make_topic, unique, tmp_path,
                                                              s3_server, s3_bucket):
-    parts, n = 3, 900
+    parts, n = 3, 600
     topic, ids = queued(kafka_bootstrap, make_topic, unique, parts, n)
     url, log = f"s3://{s3_bucket}/labels/v1", tmp_path / "job.log"
     job = stream_proc(kafka_bootstrap, topic, url, f"{unique}-g", "--max-messages", str(n), log=log,
@@ -85,32 +85,39 @@ def test_stream_to_s3_with_env_credentials_every_message_once(kafka_bootstrap, m
 @pytest.mark.kafka
 @pytest.mark.model
 def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, s3_server, s3_bucket):
-    parts, n = 3, 2400
+    """Three kill -9 each just after an object appeared (in or near the next PUT), then a clean finish.
+
+    fp32 on torch: the shortest start-up; 64 records per poll: small objects, so each kill lands mid-stream;
+    a static member id (the pod name on Kubernetes): a restart takes its partitions back at once, without
+    waiting for the killed member's session to time out.
+    """
+    parts, n = 3, 600
+    env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "64",
+           "NLPSTREAM_KAFKA__GROUP_INSTANCE_ID": f"{unique}-worker"}
     topic, ids = queued(kafka_bootstrap, make_topic, unique, parts, n)
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
     kills, seen_before_kill, stall_restarts = 0, [], 0
-    for attempt in range(8):
-        proc = stream_proc(kafka_bootstrap, topic, url, group, log=log, env=s3_server.env())
-        if attempt % 2 == 1:  # right after an object appeared: the kill lands in or near the next PUT
-            before = rows_on(s3_server, url)
-            wait_for(lambda: rows_on(s3_server, url) > before or proc.poll() is not None, 120, "a new object")
-            time.sleep(rng.uniform(0.0, 0.4))
-        else:
-            time.sleep(rng.uniform(4.0, 7.0))  # while the model loads, or mid-batch
+    for _ in range(5):
+        proc = stream_proc(kafka_bootstrap, topic, url, group, "--precision", "fp32", log=log, env=env)
+        before = len(objects(s3_server, s3_bucket))
+        wait_for(lambda: len(objects(s3_server, s3_bucket)) > before or proc.poll() is not None, 120, "a new object")
+        time.sleep(rng.uniform(0.0, 0.4))
         done = rows_on(s3_server, url)
         assert proc.poll() is None, f"the job exited by itself ({proc.returncode}): {log.read_text()[-2000:]}"
         proc.kill()
         proc.wait(timeout=30)
         stall_restarts += restarts_of(proc)
         if done >= n:
-            break
+            break  # it had finished before the kill: not a mid-stream kill
         kills += 1
         seen_before_kill.append(done)
-        if kills == 4:
+        if kills == 3:
             break
-    assert kills >= 3, f"only {kills} kills landed mid-stream (rows before each: {seen_before_kill})"
-    final = stream_proc(kafka_bootstrap, topic, url, group, "--idle-timeout", "5", log=log, env=s3_server.env())
+    assert kills == 3, f"only {kills} kills landed mid-stream (rows before each: {seen_before_kill})"
+    assert seen_before_kill == sorted(seen_before_kill) and seen_before_kill[-1] > 0
+    final = stream_proc(kafka_bootstrap, topic, url, group, "--precision", "fp32", "--idle-timeout", "5", log=log,
+                        env=env)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     result = exactness_s3(s3_server, url, parts, ids)
     report("kill -9 with s3:// output", kills, n, result,

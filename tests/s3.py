@@ -60,17 +60,20 @@ class S3Server:
                             aws_secret_access_key=self.admin_secret if admin else self.secret)
 
     def filesystem(self) -> Any:
-        """An s3fs file system as the writer, its listing cache dropped (one client, made once: tests poll)."""
+        """An s3fs file system as the admin (a reader the tests never revoke), its listing cache dropped.
+
+        One client, made once: tests poll with it.
+        """
         import s3fs
 
         if self._fs is None:
-            self._fs = s3fs.S3FileSystem(key=self.key_id, secret=self.secret, endpoint_url=self.endpoint,
+            self._fs = s3fs.S3FileSystem(key=self.admin_key_id, secret=self.admin_secret, endpoint_url=self.endpoint,
                                          client_kwargs={"region_name": REGION}, skip_instance_cache=True)
         self._fs.invalidate_cache()
         return self._fs
 
     def make_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
+        self.client(admin=True).create_bucket(Bucket=name)
         return name
 
     def revoke_writer(self) -> None:

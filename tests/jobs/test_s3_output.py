@@ -131,10 +131,11 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
 @pytest.mark.model
 def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bootstrap, make_topic, unique, tmp_path,
                                                                       s3_server, s3_bucket):
-    parts, n = 3, 1500
+    parts, n = 3, 900
     topic, ids = queued(kafka_bootstrap, make_topic, unique, parts, n)
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
-    job = stream_proc(kafka_bootstrap, topic, url, group, "--max-messages", str(n), log=log, env=s3_server.env())
+    env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128"}  # small objects: revoked mid-stream
+    job = stream_proc(kafka_bootstrap, topic, url, group, "--max-messages", str(n), log=log, env=env)
     wait_for(lambda: rows_on(s3_server, url) > 150, 180, "first rows", job)
     s3_server.revoke_writer()
     try:
@@ -144,6 +145,7 @@ def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bo
         assert committed(kafka_bootstrap, group, topic, parts) == at_start, "committed while nothing was written"
         assert rows_on(s3_server, url) == rows_at_start
         assert job.poll() is None, "the job must retry, not exit"
+        assert rows_at_start < n, "the job had finished before the permission was revoked"
     finally:
         s3_server.restore_writer()
     assert job.wait(timeout=300) == 0, log.read_text()[-3000:]

@@ -246,3 +246,40 @@ def test_storage_options_are_masked_in_the_config_dump_and_errors(tmp_path, monk
     with pytest.raises(ConfigError) as info:
         load_config(StreamConfig, path, {})
     assert "output.storage_options" in str(info.value) and "notamapping42" not in str(info.value)
+
+
+class _FlakySink:
+    """Stands in for the Parquet sink on assignment: the storage fails ``failures`` times, then answers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def remove_temp_files(self, topic: str, partition: int) -> int:
+        from nlpstream.sinks import SinkWriteError
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise SinkWriteError("cannot list s3://b/p: Could not connect to the endpoint URL")
+        return 0
+
+    def last_offset(self, topic: str, partition: int) -> int | None:
+        return 41
+
+
+def test_resume_listing_on_assignment_is_retried_then_gives_up(monkeypatch):
+    from nlpstream.jobs import stream
+    from nlpstream.sinks import SinkWriteError
+
+    clock = [0.0]  # a fake clock: the backoff is real in shape, instant here
+    monkeypatch.setattr(stream.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stream.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    job = stream.StreamJob.__new__(stream.StreamJob)  # only what _files_end touches
+    beats = []
+    job._heartbeat = lambda: beats.append(clock[0])
+    job._sink = _FlakySink(failures=3)
+    assert job._files_end("t", 0) == 41
+    assert job._sink.calls == 4 and len(beats) == 3 and clock[0] == 0.5 + 1 + 2  # backoff, watchdog fed
+    job._sink, clock[0] = _FlakySink(failures=10**6), 0.0
+    with pytest.raises(SinkWriteError):
+        job._files_end("t", 0)
+    assert 30 <= clock[0] <= 60, clock[0]  # gave up within the minute

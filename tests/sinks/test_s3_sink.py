@@ -26,12 +26,13 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_writes_final_objects_directly_and_reads_back(s3_server, s3_bucket):
+def test_writes_final_objects_directly_and_reads_back(s3_server, s3_bucket, monkeypatch):
     sink = ParquetSink(f"s3://{s3_bucket}/out", storage_options=s3_server.storage_options(), skip_written=True)
     written_paths: list[str] = []
-    pipe = sink.fs.pipe_file
-    sink.fs.pipe_file = lambda path, data, **kw: (written_paths.append(path), pipe(path, data, **kw))[1]
-    sink.fs.mv = lambda *a, **kw: pytest.fail("an object store must not rename (copy + delete)")
+    pipe = sink.fs.pipe_file  # fsspec shares the instance: monkeypatch puts it back after the test
+    monkeypatch.setattr(sink.fs, "pipe_file",
+                        lambda path, data, **kw: (written_paths.append(path), pipe(path, data, **kw))[1])
+    monkeypatch.setattr(sink.fs, "mv", lambda *a, **kw: pytest.fail("an object store must not rename (copy + delete)"))
     sink.write([row("a", 0, i) for i in range(5)] + [row("a", 1, i, DAY2) for i in range(3)])
     files = sink.flush()
     assert [(f.key.partition, f.key.first_offset, f.key.last_offset) for f in files] == [(0, 0, 4), (1, 0, 2)]

@@ -283,3 +283,24 @@ def test_resume_listing_on_assignment_is_retried_then_gives_up(monkeypatch):
     with pytest.raises(SinkWriteError):
         job._files_end("t", 0)
     assert 30 <= clock[0] <= 60, clock[0]  # gave up within the minute
+
+
+def test_backfill_to_s3_with_storage_options_from_yaml(tmp_path, s3_server, s3_bucket):
+    from nlpstream.jobs.backfill import run_backfill
+    from nlpstream.jobs.config import BackfillConfig
+    from tests.inference.fakes import fake_engine
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"id": f"r{i}", "text": f"fine text {i}"}) for i in range(250)) + "\n")
+    config = tmp_path / "backfill.yaml"
+    url = f"s3://{s3_bucket}/backfill"
+    config.write_text(yaml.safe_dump({"output": {
+        "output": url, "storage_options": s3_server.storage_options()}}))
+    cfg = load_config(BackfillConfig, config, {})
+    engine, _ = fake_engine(["cpu"], precision="fp32")
+    with engine:
+        summary = run_backfill(cfg, [src], engine)
+    assert summary.rows == 250 and len(summary.files) == 1
+    table = read_back(s3_server, url)
+    assert sorted(table.column("id").to_pylist()) == sorted(f"r{i}" for i in range(250))
+    assert hidden_objects(s3_server, s3_bucket) == []

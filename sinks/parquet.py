@@ -222,17 +222,18 @@ class ParquetSink:
         final = f"{folder}/{key.name}"
         temp = f"{folder}/{key.temp_name}"
         table = to_table(rows, self.include_text)
+        data = None if self._local else self._encode(table)  # outside the try: not a storage error
         try:
             with metrics.FLUSH_SECONDS.time():
-                if self._local:
+                if data is None:
                     self.fs.makedirs(folder, exist_ok=True)
                     self._write_local(table, temp, final, folder)
                 elif self._object_store:
                     # no makedirs: object stores have no folders, and s3fs's would create a missing bucket
-                    self.fs.pipe_file(final, self._encode(table))
+                    self.fs.pipe_file(final, data)
                 else:
                     self.fs.makedirs(folder, exist_ok=True)
-                    self.fs.pipe_file(temp, self._encode(table))
+                    self.fs.pipe_file(temp, data)
                     self.fs.mv(temp, final)
         except self._errors as exc:
             metrics.WRITE_ERRORS.inc()

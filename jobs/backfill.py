@@ -99,7 +99,7 @@ def run_backfill(config: BackfillConfig, inputs: list[Path], engine: Engine, pro
     summary = BackfillSummary()
     started = time.monotonic()
     sink = ParquetSink(config.output.output, config.output.include_text,
-                       config.output.compression)
+                       config.output.compression, storage_options=config.output.storage_options)
     tables = [(i, path, read_table(path)) for i, path in enumerate(inputs)]
     total = sum(t.num_rows for _, _, t in tables)
     task = progress.add_task("labeling", total=total) if progress is not None else None

@@ -35,6 +35,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client's per-request INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    # object-store clients log request headers and credential lookups at DEBUG: never with -v
+    for name in ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "azure", "urllib3", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> None:
@@ -166,7 +169,7 @@ def backfill(
     from nlpstream.sinks import SinkError, check_output
 
     try:
-        check_output(cfg.output.output)
+        check_output(cfg.output.output, cfg.output.storage_options)
     except SinkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -159,7 +159,12 @@ class IcebergConfig(_Section):
 class OutputConfig(_Section):
     """Where and how rows are written: Parquet files, a Delta Lake table or an Iceberg table."""
 
-    output: str = Field("./nlpstream-output", description="Output folder or fsspec URL (the table location for delta).")
+    output: str = Field("./nlpstream-output", description=(
+        "Output folder or fsspec URL (s3://bucket/prefix, ...); the table location for delta."))
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False, description=(
+        "Passed to the fsspec file system of an object-store URL, e.g. {key, secret, endpoint_url, "
+        "client_kwargs: {region_name}} for s3://. Every value is a secret: masked in redacted(), never logged, "
+        "not in error messages. Empty: the standard AWS environment (AWS_ACCESS_KEY_ID, ...)."))
     format: Literal["parquet", "delta", "iceberg"] = Field("parquet", description=(
         "parquet: hive folders of files; delta: a Delta Lake table at 'output'; iceberg: the table in 'iceberg'."))
     iceberg: IcebergConfig = Field(default_factory=IcebergConfig)
@@ -212,13 +217,24 @@ class _BaseJobConfig(BaseSettings):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def redacted(self) -> dict[str, Any]:
-        """The configuration as JSON-able data with secrets masked (catalog credentials included)."""
+        """The configuration as JSON-able data with secrets masked (every output.storage_options value, and
+        catalog properties that look like credentials)."""
         data = self.model_dump(mode="json")
-        catalog = data.get("output", {}).get("iceberg", {}).get("catalog", {})
+        data["output"]["storage_options"] = _masked(data["output"].get("storage_options") or {})
+        catalog = data["output"].get("iceberg", {}).get("catalog", {})
         for key in catalog:
             if _SECRET_KEY.search(key):
                 catalog[key] = "**********"
         return data
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every leaf replaced by '**********' (keys, and the nesting, stay readable)."""
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return "**********"
 
 
 class StreamConfig(_BaseJobConfig):
@@ -316,6 +332,6 @@ def _explain(exc: Any) -> str:
         if isinstance(value, (dict, list)) or value is None:
             lines.append(f"{where}: {err['msg']}")
             continue
-        shown = "<secret>" if "password" in where else repr(value)[:80]
+        shown = "<secret>" if "password" in where or "storage_options" in where else repr(value)[:80]
         lines.append(f"{where}: {err['msg']} (got {shown})")
     return "invalid configuration:\n  " + "\n  ".join(lines)

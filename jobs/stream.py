@@ -99,12 +99,13 @@ def connection_settings(config: StreamConfig) -> ConnectionSettings:
 
 def build_sink(output: OutputConfig, heads: Sequence[str] = ()) -> Any:
     """The row sink of ``output.format``; a table sink checks its table (or catalog) first (SinkError)."""
-    if output.format == "delta":
-        sink: Any = DeltaSink(output.output, output.include_text, heads)
+    if output.format == "delta":  # storage_options here are delta-rs's (object_store keys, e.g. AWS_ENDPOINT_URL)
+        sink: Any = DeltaSink(output.output, output.include_text, heads, storage_options=output.storage_options)
     elif output.format == "iceberg":
         sink = IcebergSink(output.iceberg.catalog, output.iceberg.table or "", output.include_text, heads)
     else:
-        return ParquetSink(output.output, output.include_text, output.compression, skip_written=output.skip_written)
+        return ParquetSink(output.output, output.include_text, output.compression,
+                           storage_options=output.storage_options, skip_written=output.skip_written)
     sink.check()
     return sink
 
@@ -178,7 +179,7 @@ class StreamJob:
         started = time.monotonic()
         # cheap checks first: a mistake costs one line, not a model load or a wait for Kafka
         if cfg.output.format != "iceberg":  # an iceberg table lives in its catalog, checked with the sink
-            check_output(cfg.output.output)
+            check_output(cfg.output.output, cfg.output.storage_options)
         if self._engine is None:
             check_engine_options(**cfg.model.engine_options())
         head_names = engine_head_names(self._engine, cfg.model.model)
@@ -823,8 +824,11 @@ class StreamJob:
             self._drain()
             for topic, partition in partitions:
                 tp = (topic, partition)
-                self._sink.remove_temp_files(topic, partition)
-                last = self._sink.last_offset(topic, partition)
+                try:
+                    last = self._files_end(topic, partition)
+                except SinkError as exc:  # the client swallows callback errors: the loop raises it after poll
+                    self._fatal = exc
+                    return
                 self._ledger.assigned(tp, None if last is None else last + 1)
                 self._resume_at[tp] = None if last is None else last + 1
                 self._committed.pop(tp, None)
@@ -836,6 +840,26 @@ class StreamJob:
                 if self._registry_paused:  # a registry outage: new partitions wait for the next try too
                     self._input.pause([tp])
                 log.info("assigned %s-%d, files end at %s", topic, partition, last)
+
+    def _files_end(self, topic: str, partition: int) -> int | None:
+        """Remove temporary files of the partition and read where its files end (retried with backoff).
+
+        An object store may be briefly unreachable: tries for up to a minute, beating the watchdog
+        between tries, then raises the SinkError (the job stops with one error line).
+        """
+        deadline = time.monotonic() + 60.0
+        delay = 0.5
+        while True:
+            try:
+                self._sink.remove_temp_files(topic, partition)
+                return self._sink.last_offset(topic, partition)
+            except SinkError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("cannot read where %s-%d's files end, retrying in %.1fs: %s", topic, partition, delay, exc)
+            self._heartbeat()
+            time.sleep(delay)
+            delay = min(_MAX_BACKOFF_S, delay * 2)
 
     def _on_revoked(self, partitions: list[TP]) -> None:
         with self._lock:

@@ -1,19 +1,44 @@
 """Parquet sink: hive-partitioned files, durable on flush, local or fsspec URL.
 
 Contract: ``write(rows)`` only buffers. ``flush()`` writes every buffered
-row and returns only once the files are durable: written under a temporary
-name starting with ``.``, fsynced (local disks), renamed to the final
-deterministic name and the folder fsynced. Rows of one Kafka partition are
-written in offset order, one file per run of consecutive rows with the same
-date, so the finished files of a partition always hold a prefix of what was
-flushed. :meth:`last_offset` tells the job where a partition's files end.
+row and returns only once the files are durable. Rows of one Kafka partition
+are written in offset order, one file per run of consecutive rows with the
+same date, so the finished files of a partition always hold a prefix of what
+was flushed. :meth:`last_offset` tells the job where a partition's files end.
+
+How a file becomes durable depends on the storage:
+
+- local disk: written under a temporary name starting with ``.``, fsynced,
+  renamed to the final deterministic name, and the folder fsynced;
+- object stores (``s3://``, ``gs://``, ``abfs://``): the file is built in
+  memory and sent in one PUT (a multipart upload above 100 MB, aborted on
+  error) straight to its final name. A PUT or a completed multipart upload is
+  atomic there: readers see the whole object or none, and a kill -9 mid-upload
+  leaves nothing visible. A rename on those stores is a copy plus a delete,
+  neither atomic nor cheap, and a kill between the two would leave a ``.``
+  object behind; writing the final name directly avoids both. That is safe
+  because names are deterministic from (topic, partition, first offset, last
+  offset): a rewrite after a crash (before the commit) has the same name and
+  the same records and replaces the object whole, and the job resumes from
+  the finished objects on assignment;
+- any other fsspec file system: temporary name then ``fs.mv``.
+
+:meth:`remove_temp_files` still deletes ``.`` leftovers on assignment (older
+versions and the ``mv`` path write them). Listings go to the storage each
+time: fsspec's listing cache (s3fs keeps one) is dropped first, since
+another worker may have written since.
 
 With ``skip_written`` (the stream job) each file is checked, just before it
 is written, against the finished files already in its folder: rows whose
 offsets another file holds are dropped. A worker that was evicted from the
 group while it held rows (a zombie) and the partition's new owner therefore
 do not both write the same records; what remains is the short window
-between that check and the rename.
+between that check and the write.
+
+Errors: any failure of the storage (an OSError, or a client library's own
+error such as botocore's for an unreachable endpoint) becomes a recoverable
+SinkWriteError whose message carries no value of ``storage_options`` and no
+AWS secret of the environment.
 """
 
 from __future__ import annotations
@@ -27,16 +52,17 @@ from typing import Any
 
 import logging
 
-import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from nlpstream.sinks import metrics
 from nlpstream.sinks.errors import SinkWriteError
 from nlpstream.sinks.naming import FileKey, parse_name, partition_glob, temp_glob
+from nlpstream.sinks.schema import OutputRow, to_table
+from nlpstream.sinks.storage import is_object_store, open_fs, scrub, secret_values
 
 log = logging.getLogger(__name__)
-from nlpstream.sinks.schema import OutputRow, to_table
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +78,11 @@ class ParquetSink:
     """Buffers output rows and writes them as deterministic Parquet files.
 
     ``url``: a local folder or any fsspec URL (``s3://bucket/prefix``,
-    ``memory://x``). ``include_text`` drops the ``text`` column when False.
-    Raises SinkWriteError (recoverable) when the storage refuses a write;
-    the buffer is kept, so the same flush can be retried.
+    ``memory://x``); ``storage_options`` go to its file system (credentials,
+    endpoint: secrets, never in messages). ``include_text`` drops the
+    ``text`` column when False. Raises SinkWriteError (recoverable) when the
+    storage refuses a write or a listing; the buffer is kept, so the same
+    flush can be retried.
     """
 
     def __init__(self, url: str, include_text: bool = True, compression: str = "zstd",
@@ -63,10 +91,12 @@ class ParquetSink:
         self.skip_written = skip_written
         self.include_text = include_text
         self.compression = compression
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.fs = fs
-        self.root = root.rstrip("/")
-        self._local = isinstance(fs, LocalFileSystem)
+        self.fs, self.root = open_fs(url, storage_options)
+        self._local = isinstance(self.fs, LocalFileSystem)
+        self._object_store = is_object_store(self.fs)
+        self._secrets = secret_values(storage_options)
+        # what a storage call may raise: a local disk raises OSError; remote clients have errors of their own
+        self._errors: tuple[type[BaseException], ...] = (OSError, RuntimeError) if self._local else (Exception,)
         self._buffer: list[OutputRow] = []
 
     # -- sink protocol ----------------------------------------------------
@@ -91,9 +121,9 @@ class ParquetSink:
         if self.skip_written:
             try:
                 chunks = [piece for chunk in chunks for piece in self._unwritten(chunk)]
-            except OSError as exc:  # the storage cannot be listed: retry the whole flush later
+            except self._errors as exc:  # the storage cannot be listed: retry the whole flush later
                 metrics.WRITE_ERRORS.inc()
-                raise SinkWriteError(f"cannot list {self.url} for files already written: {exc}") from exc
+                raise SinkWriteError(self._message(f"cannot list {self.url} for files already written", exc)) from exc
         written: list[WrittenFile] = []
         for i, chunk in enumerate(chunks):
             try:
@@ -141,12 +171,20 @@ class ParquetSink:
 
     # -- resume support ---------------------------------------------------
     def last_offset(self, topic: str, partition: int) -> int | None:
-        """Highest offset held by a finished file of the partition, or None."""
-        return max((k.last_offset for k in self._keys(topic, partition)), default=None)
+        """Highest offset held by a finished file of the partition, or None (a fresh listing).
+
+        Raises SinkWriteError when the storage cannot be listed.
+        """
+        try:
+            return max((k.last_offset for k in self._keys(topic, partition)), default=None)
+        except self._errors as exc:
+            raise SinkWriteError(self._message(f"cannot list {self.url} for where {topic}-{partition} ends",
+                                               exc)) from exc
 
     def _keys(self, topic: str, partition: int, date: str = "*") -> list[FileKey]:
-        """Keys of the finished files of a partition (of one date folder)."""
+        """Keys of the finished files of a partition (of one date folder), listed afresh."""
         keys = []
+        self.fs.invalidate_cache()  # another worker may have written since the last listing
         for path in self.fs.glob(self._abs(partition_glob(topic, partition, date))):
             folder, name = posixpath.split(path)
             key = parse_name(topic, posixpath.basename(folder).removeprefix("date="), name)
@@ -155,13 +193,25 @@ class ParquetSink:
         return keys
 
     def remove_temp_files(self, topic: str, partition: int) -> int:
-        """Delete temporary files a crashed writer left for this partition; returns how many."""
-        paths = self.fs.glob(self._abs(temp_glob(topic, partition)))
-        for path in paths:
-            self.fs.rm(path)
+        """Delete temporary files a crashed writer left for this partition; returns how many.
+
+        Raises SinkWriteError when the storage cannot be listed or refuses a delete.
+        """
+        try:
+            self.fs.invalidate_cache()
+            paths = self.fs.glob(self._abs(temp_glob(topic, partition)))
+            for path in paths:
+                self.fs.rm(path)
+        except self._errors as exc:
+            raise SinkWriteError(self._message(f"cannot remove temporary files of {topic}-{partition} in {self.url}",
+                                               exc)) from exc
         return len(paths)
 
     # -- internals ----------------------------------------------------------
+    def _message(self, what: str, exc: BaseException) -> str:
+        """``what: <the error>`` without any secret (storage option values, AWS secret key, URL passwords)."""
+        return scrub(f"{what}: {str(exc) or type(exc).__name__}", self._secrets)
+
     def _abs(self, rel: str) -> str:
         return f"{self.root}/{rel}" if self.root else rel
 
@@ -172,22 +222,33 @@ class ParquetSink:
         final = f"{folder}/{key.name}"
         temp = f"{folder}/{key.temp_name}"
         table = to_table(rows, self.include_text)
+        data = None if self._local else self._encode(table)  # outside the try: not a storage error
         try:
             with metrics.FLUSH_SECONDS.time():
-                self.fs.makedirs(folder, exist_ok=True)
-                if self._local:
+                if data is None:
+                    self.fs.makedirs(folder, exist_ok=True)
                     self._write_local(table, temp, final, folder)
+                elif self._object_store:
+                    # no makedirs: object stores have no folders, and s3fs's would create a missing bucket
+                    self.fs.pipe_file(final, data)
                 else:
-                    with self.fs.open(temp, "wb") as fh:
-                        pq.write_table(table, fh, compression=self.compression)
+                    self.fs.makedirs(folder, exist_ok=True)
+                    self.fs.pipe_file(temp, data)
                     self.fs.mv(temp, final)
-        except (OSError, RuntimeError) as exc:
+        except self._errors as exc:
             metrics.WRITE_ERRORS.inc()
-            self._cleanup(temp)
-            raise SinkWriteError(f"cannot write {final}: {exc}") from exc
+            if not self._object_store:
+                self._cleanup(temp)
+            raise SinkWriteError(self._message(f"cannot write {final}", exc)) from exc
         metrics.ROWS_WRITTEN.inc(len(rows))
         metrics.FILES_WRITTEN.inc()
         return WrittenFile(key=key, path=final, rows=len(rows))
+
+    def _encode(self, table: Any) -> bytes:
+        """The whole Parquet file in memory: a failure while encoding never reaches the storage."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=self.compression)
+        return sink.getvalue().to_pybytes()
 
     def _write_local(self, table: Any, temp: str, final: str, folder: str) -> None:
         with open(temp, "wb") as fh:
@@ -205,5 +266,5 @@ class ParquetSink:
         try:
             if self.fs.exists(temp):
                 self.fs.rm(temp)
-        except OSError:
+        except self._errors:
             pass

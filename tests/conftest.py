@@ -5,6 +5,8 @@ container where a Docker daemon answers; else the project's local KRaft
 launcher (official jars). Kafka tests never skip: no broker is a failure.
 Schema registry: ``SCHEMA_REGISTRY_URL`` (a Confluent-compatible API), else the
 project's local Apicurio launcher (``nlpstream registry-local``).
+S3: a real S3 API server (moto in server mode, its own process, IAM checks on;
+see tests/s3.py) and a fresh bucket per test.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         yield info.url
     finally:
         registry_local.stop(data)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests import s3
+
+    server = s3.start(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Any, unique: str) -> str:
+    """A new empty bucket on the test S3 server."""
+    return s3_server.make_bucket(unique.lower())
 
 
 @pytest.fixture

@@ -166,6 +166,9 @@ def run_backfill_ray(config: BackfillConfig, inputs: list[str], address: str | N
     files, done, summary.already_done = plan_inputs(config, inputs, out)
     total = total_rows(files)
     tracker = Tracker(progress, None if total is None else max(0, total - summary.already_done))
+    if total is not None and summary.already_done >= total:  # a rerun of a finished job: no actor to start
+        summary.seconds = time.monotonic() - started
+        return summary
     owns = _start_ray(address)
     try:
         ctx = DataContext.get_current()

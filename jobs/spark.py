@@ -17,6 +17,8 @@ import functools
 import json
 from typing import Any
 
+import pandas as pd  # module level: Spark reads the UDF's type hints (pd.Series -> pd.DataFrame) from here
+
 SCHEMA_DDL = "label string, score float"
 
 
@@ -53,7 +55,6 @@ def label_udf(model: str = "builtin:sentiment", devices: str = "auto", precision
     when the engine loads on an executor. Needs pyspark, pandas and pyarrow
     (``pip install 'nlpstream[spark]'``).
     """
-    import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
     options_json = json.dumps({"model": model, "devices": devices, "precision": precision, **engine_options},

@@ -127,3 +127,42 @@ def test_an_empty_range_is_refused_before_anything_is_written(kafka_bootstrap, m
     with pytest.raises(BackfillError, match="must be before"):
         KafkaBackfill(cfg, topic, T0 + 2, T0 + 1)
     assert not (tmp_path / "out").exists()
+
+
+def test_replay_of_an_avro_topic_decodes_through_the_schema_registry(kafka_bootstrap, make_topic, unique, tmp_path,
+                                                                     schema_registry_url):
+    """The schema'd formats go through the stream job's RegistryDecoder; a record without the wire format is
+    dead-lettered with the stream job's reason."""
+    import io
+    import struct
+
+    import fastavro
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    schema = {"type": "record", "name": "Ticket", "namespace": "nlpstream.backfill", "fields": [
+        {"name": "id", "type": "string"},
+        {"name": "body", "type": {"type": "record", "name": "Body", "fields": [{"name": "text", "type": "string"}]}}]}
+    schema_id = SchemaRegistryClient({"url": schema_registry_url}).register_schema(
+        f"{unique}-value", Schema(json.dumps(schema), "AVRO"))
+    values = []
+    for i in range(4):
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), {"id": f"av{i}", "body": {"text": f"avro {i}"}})
+        values.append(struct.pack(">bI", 0, schema_id) + buf.getvalue())
+    values.insert(2, b'{"id": "plain json"}')
+    topic = make_topic(f"{unique}-avro", partitions=1)
+    produce(kafka_bootstrap, topic, [(None, v) for v in values], partition=0)
+    cfg = _cfg(kafka_bootstrap, topic, str(tmp_path / "out"), **{
+        "input.input_format": "avro", "input.schema_registry.url": schema_registry_url, "text_field": "body.text"})
+    engine, _ = fake_engine(["cpu"], precision="fp32")
+    with engine:
+        job = KafkaBackfill(cfg, topic, None, None)
+        assert job.plan() == 5
+        summary = job.run(engine)
+    assert summary.rows == 4 and summary.dead_lettered == 1
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert sorted((r["id"], r["text"], r["offset"]) for r in rows) == [
+        ("av0", "avro 0", 0), ("av1", "avro 1", 1), ("av2", "avro 2", 3), ("av3", "avro 3", 4)]
+    (dead,) = read_topic(kafka_bootstrap, f"{topic}.dlq", expected=1)
+    assert dict(dead.headers)[HEADER_CLASS] == b"DecodeError:no_magic_byte"
+    assert dict(dead.headers)[HEADER_OFFSET] == b"2"

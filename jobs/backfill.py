@@ -33,7 +33,7 @@ from typing import Any
 from nlpstream.consumers.errors import DECODE_KINDS
 from nlpstream.jobs import metrics
 from nlpstream.jobs.backfill_inputs import (BackfillError, InputFile, Piece, count_rows, expand_inputs,
-                                            open_dataset, read_pieces)
+                                            check_input, read_pieces)
 from nlpstream.jobs.backfill_output import BackfillOutput, Range, Reject, covered
 from nlpstream.jobs.config import BackfillConfig
 from nlpstream.sinks import OutputRow
@@ -202,7 +202,7 @@ def plan_inputs(config: BackfillConfig, inputs: list[str], out: BackfillOutput
     what a killed run left; return the files, the finished ranges of each and how many rows they hold."""
     files = expand_inputs(inputs, config.topic_name)
     for f in files:
-        open_dataset(f, config.text_field, config.id_field, config.read_block_bytes)
+        check_input(f, config.text_field, config.id_field, config.read_block_bytes)
     done: dict[tuple[str, int], list[Range]] = {}
     for f in files:
         done[(f.topic, f.partition)] = out.prepare(f.topic, f.partition)

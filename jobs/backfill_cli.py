@@ -90,7 +90,7 @@ def run_backfill_command(cfg: BackfillConfig, inputs: list[str], kafka_topic: st
     from nlpstream.inference import InferenceError, load_engine
     from nlpstream.inference.preflight import check_engine_options
     from nlpstream.jobs import metrics
-    from nlpstream.jobs.backfill_inputs import BackfillError, expand_inputs, open_dataset
+    from nlpstream.jobs.backfill_inputs import BackfillError, expand_inputs, check_input
     from nlpstream.sinks import SinkError, check_output
 
     try:
@@ -104,7 +104,7 @@ def run_backfill_command(cfg: BackfillConfig, inputs: list[str], kafka_topic: st
         check_output(cfg.output.output)
         check_engine_options(cfg.model.model, cfg.model.devices, cfg.model.precision)
         for f in expand_inputs(inputs, cfg.topic_name):
-            open_dataset(f, cfg.text_field, cfg.id_field, cfg.read_block_bytes)
+            check_input(f, cfg.text_field, cfg.id_field, cfg.read_block_bytes)
         if cfg.metrics.metrics_port is not None:
             port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
             console.print(f"metrics on http://{cfg.metrics.metrics_host}:{port}/metrics")

@@ -2,9 +2,10 @@
 
 ``expand_inputs`` turns ``--input`` values into a fixed, ordered list of
 :class:`InputFile` (each with the hive ``topic`` and the ``partition`` its
-rows are written under); ``read_pieces`` streams one file through
-pyarrow.dataset (Parquet a row group at a time, JSON lines and CSV a block
-at a time) and cuts the stream into pieces of exactly ``piece_rows`` rows
+rows are written under); ``read_pieces`` streams one file through pyarrow's
+pull-based readers (``ParquetFile.iter_batches`` a row group at a time,
+``open_json`` and ``open_csv`` a block at a time), which read nothing
+ahead of what is pulled. and cuts the stream into pieces of exactly ``piece_rows`` rows
 (the last one shorter). A piece's rows are numbered from 0 in file order:
 the row number is the output ``offset``, so a piece is the same row range on
 every run. Resident memory is bounded by a piece plus the reader's block, not
@@ -13,6 +14,7 @@ by the size of the file.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.json as pajson
 from fsspec.implementations.local import LocalFileSystem
 
@@ -146,27 +147,58 @@ def _folder_files(fs: Any, folder: str) -> list[str]:
     return sorted(p for p in fs.find(root) if _format_of(p) and not _hidden(p, root))
 
 
-def open_dataset(f: InputFile, text_field: str, id_field: str, block_bytes: int = 8 << 20) -> ds.Dataset:
-    """The file as a pyarrow dataset; raises BackfillError when it cannot be read or has no ``text_field``."""
-    filesystem = None if isinstance(f.fs, LocalFileSystem) else f.fs
-    if f.format == "parquet":
-        fmt: Any = ds.ParquetFileFormat()
-    elif f.format == "json":
-        fmt = ds.JsonFileFormat(read_options=pajson.ReadOptions(block_size=block_bytes))
-    else:
-        fmt = ds.CsvFileFormat(read_options=pacsv.ReadOptions(block_size=block_bytes),
-                               convert_options=pacsv.ConvertOptions(
-                                   column_types={text_field: pa.string(), id_field: pa.string()},
-                                   strings_can_be_null=True))
+@contextlib.contextmanager
+def open_reader(f: InputFile, text_field: str, id_field: str, block_bytes: int = 8 << 20,
+                batch_rows: int = 65_536) -> Iterator[tuple[list[str], Iterator[pa.RecordBatch]]]:
+    """The file's column names and a pull-based stream of its record batches (only the text, id and
+    ``event_time`` columns), read a Parquet row group or a JSON/CSV block at a time: nothing is read
+    ahead of what the caller pulls. Raises BackfillError when it cannot be opened or has no ``text_field``.
+    """
+    import pyarrow.parquet as pq
+
+    local = isinstance(f.fs, LocalFileSystem)
+    handle = None
     try:
-        dataset = ds.dataset(f.path, filesystem=filesystem, format=fmt)
-        names = dataset.schema.names
+        source: Any = f.path if local else (handle := f.fs.open(f.path, "rb"))
+        if f.format == "parquet":
+            # pre_buffer (pyarrow's default) keeps every row group read so far: RSS grows with the file
+            parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
+            names = parquet.schema_arrow.names
+            wanted = _wanted(names, text_field, id_field)
+            batches: Iterator[pa.RecordBatch] = parquet.iter_batches(batch_size=batch_rows, columns=wanted)
+        else:
+            if f.format == "json":
+                reader = pajson.open_json(source, read_options=pajson.ReadOptions(block_size=block_bytes))
+            else:
+                reader = pacsv.open_csv(source, read_options=pacsv.ReadOptions(block_size=block_bytes),
+                                        convert_options=pacsv.ConvertOptions(
+                                            column_types={text_field: pa.string(), id_field: pa.string()},
+                                            strings_can_be_null=True))
+            names = reader.schema.names
+            wanted = _wanted(names, text_field, id_field)
+            batches = (batch.select(wanted) for batch in reader)
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        if handle is not None:
+            handle.close()
         raise BackfillError(f"cannot read {f.url}: {exc}") from exc
-    if text_field not in names:
-        raise BackfillError(f"{f.url} has no column {text_field!r} (columns: {', '.join(names)}); "
-                            "give the text column with --text-field")
-    return dataset
+    try:
+        if text_field not in names:
+            raise BackfillError(f"{f.url} has no column {text_field!r} (columns: {', '.join(names)}); "
+                                "give the text column with --text-field")
+        yield names, batches
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _wanted(names: list[str], text_field: str, id_field: str) -> list[str]:
+    return [c for c in dict.fromkeys((text_field, id_field, "event_time")) if c in names]
+
+
+def check_input(f: InputFile, text_field: str, id_field: str, block_bytes: int = 8 << 20) -> None:
+    """BackfillError unless the file can be opened and has ``text_field`` (reads its footer or first block)."""
+    with open_reader(f, text_field, id_field, block_bytes):
+        pass
 
 
 def count_rows(f: InputFile) -> int | None:
@@ -198,26 +230,24 @@ def read_pieces(f: InputFile, text_field: str, id_field: str, piece_rows: int,
     Raises BackfillError when the file cannot be read (also midway: a
     malformed JSON line, a CSV row with the wrong number of fields).
     """
-    dataset = open_dataset(f, text_field, id_field, block_bytes)
-    columns = [c for c in (text_field, id_field, "event_time") if c in dataset.schema.names]
-    scanner = dataset.scanner(columns=list(dict.fromkeys(columns)), batch_size=min(piece_rows, 65_536),
-                              batch_readahead=1, fragment_readahead=1)
     pending: list[pa.RecordBatch] = []
     buffered = 0
     first = 0
-    try:
-        for batch in scanner.to_batches():
-            if batch.num_rows == 0:
-                continue
-            pending.append(batch)
-            buffered += batch.num_rows
-            while buffered >= piece_rows:
-                table = pa.Table.from_batches(pending)
-                yield Piece(f.topic, f.partition, first, f.url, table.slice(0, piece_rows))
-                rest = table.slice(piece_rows)
-                pending, buffered = rest.to_batches(), rest.num_rows
-                first += piece_rows
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise BackfillError(f"cannot read {f.url} after row {first}: {exc}") from exc
+    with open_reader(f, text_field, id_field, block_bytes, min(piece_rows, 65_536)) as (_, batches):
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                pending.append(batch)
+                buffered += batch.num_rows
+                while buffered >= piece_rows:
+                    table = pa.Table.from_batches(pending)
+                    yield Piece(f.topic, f.partition, first, f.url, table.slice(0, piece_rows))
+                    rest = table.slice(piece_rows)
+                    # no empty slices: each would keep its whole parent batch alive, piece after piece
+                    pending, buffered = [b for b in rest.to_batches() if b.num_rows], rest.num_rows
+                    first += piece_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BackfillError(f"cannot read {f.url} after row {first}: {exc}") from exc
     if buffered:
         yield Piece(f.topic, f.partition, first, f.url, pa.Table.from_batches(pending))

@@ -176,3 +176,23 @@ def test_input_mistakes_are_clear_errors(tmp_path):
 def read_output_rows(out: Path) -> int:
     files = [p for p in out.rglob("part-*.parquet") if "_rejects" not in p.parts] if out.exists() else []
     return sum(pq.read_metadata(p).num_rows for p in files)
+
+
+def test_further_heads_reach_the_output(tmp_path):
+    from nlpstream.inference import Prediction
+
+    class TwoHeads:
+        """The engine protocol with a second head ("topic") on every prediction."""
+
+        model_name = "two-heads"
+
+        def classify(self, texts: list[str]) -> list[Prediction]:
+            return [Prediction("positive", 0.75, {"positive": 0.75},
+                               heads={"topic": Prediction("billing" if "bill" in t else "other", 0.5, {})})
+                    for t in texts]
+
+    src = tmp_path / "h.jsonl"
+    src.write_text('{"id": "1", "text": "my bill is wrong"}\n{"id": "2", "text": "hello"}\n')
+    run_backfill(_cfg(tmp_path / "out"), [src], TwoHeads())
+    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert (rows["1"]["topic_label"], rows["2"]["topic_label"], rows["1"]["topic_score"]) == ("billing", "other", 0.5)

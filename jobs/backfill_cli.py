@@ -27,11 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class RateColumn(ProgressColumn):
-    """Rows per second of a task (rich's own speed estimate)."""
+    """Rows per second of a task since it started (an average: Ray reports whole pieces at once, which
+    makes rich's short-window speed jump)."""
 
     def render(self, task: Any) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- rows/s" if speed is None else f"{speed:,.0f} rows/s", style="progress.data.speed")
+        elapsed = task.elapsed
+        if not elapsed or not task.completed:
+            return Text("-- rows/s", style="progress.data.speed")
+        return Text(f"{task.completed / elapsed:,.0f} rows/s", style="progress.data.speed")
 
 
 def make_progress(console: Console) -> Progress:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
@@ -41,6 +42,19 @@ class ConsumerSettings:
     max_partition_fetch_bytes: int = 8 * 1024 * 1024
     fetch_max_bytes: int = 16 * 1024 * 1024
     group_instance_id: str | None = None
+
+
+def to_input_record(r: Any) -> InputRecord:
+    """kafka-python's ConsumerRecord as plain data (a missing or negative timestamp becomes 0)."""
+    return InputRecord(
+        topic=r.topic,
+        partition=r.partition,
+        offset=r.offset,
+        key=r.key,
+        value=r.value,
+        timestamp_ms=int(r.timestamp) if r.timestamp is not None and r.timestamp >= 0 else 0,
+        headers=tuple((k, v) for k, v in (r.headers or [])),
+    )
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -103,21 +117,7 @@ class KafkaInput:
                 self._last_poll_warning = now
             time.sleep(min(timeout_s, 1.0))
             return []
-        out: list[InputRecord] = []
-        for records in batches.values():
-            for r in records:
-                out.append(
-                    InputRecord(
-                        topic=r.topic,
-                        partition=r.partition,
-                        offset=r.offset,
-                        key=r.key,
-                        value=r.value,
-                        timestamp_ms=int(r.timestamp) if r.timestamp is not None and r.timestamp >= 0 else 0,
-                        headers=tuple((k, v) for k, v in (r.headers or [])),
-                    )
-                )
-        return out
+        return [to_input_record(r) for records in batches.values() for r in records]
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
         """Set the next offset to fetch for an assigned partition (safe inside callbacks)."""

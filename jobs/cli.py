@@ -139,59 +139,64 @@ def stream(
 
 @app.command()
 def backfill(
-    input: Annotated[list[Path], typer.Option("--input", help="JSONL, CSV or Parquet file (repeatable).")],
+    input: Annotated[Optional[list[str]], typer.Option(
+        "--input", help="File, folder, glob or fsspec URL (s3://bucket/prefix/*.parquet) of JSONL, CSV or Parquet "
+        "(repeatable).")] = None,
     output: Annotated[Optional[str], typer.Option(help="Output folder or fsspec URL.")] = None,
     config: ConfigOpt = None,
     model: ModelOpt = None,
     devices: DevicesOpt = None,
     precision: PrecisionOpt = None,
-    text_field: Annotated[Optional[str], typer.Option(help="Column with the text.")] = None,
-    id_field: Annotated[Optional[str], typer.Option(help="Column with the id.")] = None,
-    topic_name: Annotated[Optional[str], typer.Option(help="Hive 'topic' key of the output.")] = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Column (or JSON field) with the text.")] = None,
+    id_field: Annotated[Optional[str], typer.Option(help="Column (or JSON field) with the id.")] = None,
+    topic_name: Annotated[Optional[str], typer.Option(help="Hive 'topic' key of the output (file inputs).")] = None,
+    no_text: Annotated[Optional[bool], typer.Option("--no-text", help="Leave the text column out.")] = None,
+    rows_per_file: Annotated[Optional[int], typer.Option(
+        help="Rows (or records) per piece: labeled, written and resumed as one unit.")] = None,
+    kafka_topic: Annotated[Optional[str], typer.Option(help="Replay this Kafka topic instead of files.")] = None,
+    bootstrap_servers: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers host:port[,host:port].")] = None,
+    from_time: Annotated[Optional[str], typer.Option(help="Replay records with timestamps at or after this ISO-8601 time.")] = None,
+    to_time: Annotated[Optional[str], typer.Option(help="Replay records with timestamps before this ISO-8601 time.")] = None,
+    input_format: Annotated[Optional[str], typer.Option(help="Kafka replay: text, json, avro, json-schema or protobuf.")] = None,
+    schema_registry_url: Annotated[Optional[str], typer.Option(help="Kafka replay: Schema Registry of the schema'd formats.")] = None,
+    dlq_topic: Annotated[Optional[str], typer.Option(help="Kafka replay: dead-letter topic (default <topic>.dlq).")] = None,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data; file inputs).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics on this port while running (0 picks one).")] = None,
+    metrics_host: Annotated[Optional[str], typer.Option(help="Bind address of /metrics.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Re-label files with the same engine and output schema, with a progress bar."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    """Re-label files or a Kafka time range into the stream job's output schema, with a progress bar.
 
-    from nlpstream.inference import InferenceError, load_engine
-    from nlpstream.jobs.backfill import BackfillError, run_backfill
+    A rerun after a crash skips finished pieces; rows without usable text go to <output>/_rejects/.
+    """
+    _setup_logging(verbose)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    from nlpstream.jobs.backfill_cli import run_backfill_command
 
     try:
         cfg = load_config(BackfillConfig, config, {
             "output.output": output, "model.model": model, "model.devices": devices, "model.precision": precision,
             "text_field": text_field, "id_field": id_field, "topic_name": topic_name,
+            "output.include_text": False if no_text else None, "rows_per_file": rows_per_file,
+            "kafka.bootstrap_servers": bootstrap_servers, "kafka.topics": [kafka_topic] if kafka_topic else None,
+            "kafka.dlq_topic": dlq_topic, "input.input_format": input_format,
+            "input.schema_registry.url": schema_registry_url,
+            "metrics.metrics_port": metrics_port, "metrics.metrics_host": metrics_host,
         })
     except ConfigError as exc:
         _fail(str(exc))
-    missing = [str(p) for p in input if not p.exists()]
-    if missing:
-        _fail(f"input not found: {', '.join(missing)}")
-    from nlpstream.sinks import SinkError, check_output
-
-    try:
-        check_output(cfg.output.output, cfg.output.storage_options)
-    except SinkError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    _preflight(cfg.model.model, cfg.model.devices, cfg.model.precision)
-    console = Console(stderr=True)
-    try:
-        engine = load_engine(**cfg.model.engine_options())
-    except InferenceError as exc:
-        _model_error(exc)
-    with engine:
-        with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as progress:
-            try:
-                summary = run_backfill(cfg, list(input), engine, progress)
-            except BackfillError as exc:
-                _fail(str(exc))
-    if summary.failed:
-        console.print(f"[yellow]{len(summary.failed)} texts the model fails on alone were not labeled:[/yellow] "
-                      + "; ".join(summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else ""))
-    console.print(f"labeled {summary.rows} rows ({summary.skipped} skipped: empty or non-string text) "
-                  f"in {summary.seconds:.1f}s into {len(summary.files)} files under {cfg.output.output}; "
-                  f"labels: {dict(summary.labels)}")
+    if not input and not kafka_topic:
+        _fail("nothing to backfill: give --input (files) or --kafka-topic")
+    if input and kafka_topic:
+        _fail("give --input or --kafka-topic, not both")
+    if executor not in ("local", "ray"):
+        _fail(f"--executor {executor!r}: expected local or ray")
+    if kafka_topic and executor != "local":
+        _fail("--kafka-topic runs with --executor local (the Ray executor reads files)")
+    code = run_backfill_command(cfg, list(input or []), kafka_topic, from_time, to_time, executor, ray_address)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -274,7 +274,23 @@ class BackfillConfig(_BaseJobConfig):
     text_field: str = Field("text", description="Column / field holding the text.")
     id_field: str = Field("id", description="Column / field holding the id (row number when absent).")
     topic_name: str | None = Field(None, description="Hive 'topic' folder key of the output; default: each input's file stem.")
-    rows_per_file: int = Field(100_000, ge=1, description="Rows per output file.")
+    rows_per_file: int = Field(10_000, ge=1, description=(
+        "Input rows (or Kafka records) per piece: the unit that is labeled, written (one file per date in it), "
+        "resumed after a crash and handed to a Ray actor. Keep it the same between a run and its rerun."))
+    read_block_bytes: int = Field(8 << 20, ge=1 << 16, description=(
+        "Bytes per block of the JSON and CSV streaming readers (Parquet is read a row group at a time)."))
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig, description=(
+        "Kafka replay (--kafka-topic): brokers, security and the dead-letter topic (default '<topic>.dlq'); "
+        "group_id is not used: the replay assigns partitions itself and never commits."))
+    input: InputConfig = Field(default_factory=InputConfig, description=(
+        "Kafka replay: how record values are decoded (input_format, schema_registry); the text and id fields "
+        "are text_field and id_field above."))
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig(metrics_port=None), description=(
+        "/metrics while the backfill runs (off unless a port is given)."))
+
+    def dlq_topic(self) -> str:
+        """The dead-letter topic of the Kafka replay."""
+        return self.kafka.dlq_topic or f"{self.kafka.topics[0]}.dlq"
 
 
 def _deep_set(target: dict[str, Any], dotted: str, value: Any) -> None:

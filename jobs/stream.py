@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord
 from nlpstream.consumers.records import DecodedText
 from nlpstream.consumers.client_config import (ConnectionSettings, connect_error, quiet_topic_creation,
                                                 wait_for_kafka)
@@ -41,6 +41,7 @@ from nlpstream.inference.preflight import check_engine_options
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.config import OutputConfig, StreamConfig
+from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
 from nlpstream.jobs.ledger import OffsetLedger
 from nlpstream.sinks import (AlertSink, DeltaSink, FileAlertSink, IcebergSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
                              WebhookAlertSink, check_output)
@@ -509,13 +510,7 @@ class StreamJob:
         handled strictly in order, so offsets become handled in order too.
         Caller holds the lock.
         """
-        good = []
-        undecodable: list[tuple[InputRecord, DecodeError]] = []
-        for record in records:
-            try:
-                good.append(decode_record(record, self._decode))
-            except DecodeError as exc:
-                undecodable.append((record, exc))
+        good, undecodable = decode_batch(records, self._decode)
         texts = [d.text for d in good]
         if good and self._classifier is not None:
             results = self._classifier.submit(self._classify_batch, texts)
@@ -558,7 +553,7 @@ class StreamJob:
         records, good, undecodable = batch.records, batch.good, batch.undecodable
         results = batch.results.result()
         for record, exc in undecodable:
-            self._dead_letter(record, f"DecodeError:{exc.kind}", str(exc), exc.kind)
+            self._dead_letter(record, *decode_failure(exc))
         if good:
             assert self._engine is not None
             processed_at = int(time.time() * 1000)
@@ -568,15 +563,12 @@ class StreamJob:
             for decoded, result in zip(good, results):
                 rec = decoded.record
                 if isinstance(result, BaseException):
-                    self._dead_letter(rec, type(result).__name__, f"classification failed: {result}", "inference")
+                    self._dead_letter(rec, *inference_failure(result))
                     continue
-                event_ms = rec.timestamp_ms or processed_at
-                extra = getattr(result, "heads", None)
-                heads = {name: (h.label, h.score) for name, h in extra.items()} if extra else {}
-                rows.append(OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label,
-                                      result.score, event_ms, processed_at, self._engine.model_name,
-                                      tuple((name, label, score) for name, (label, score) in heads.items())))
+                rows.append(output_row(decoded, result, processed_at, self._engine.model_name))
+                event_ms = rows[-1].event_time_ms
                 key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
+                heads = {name: (label, score) for name, label, score in rows[-1].heads}
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
                                               result.score, event_ms, None if key is None else str(key), heads))
             self._sink.write(rows)

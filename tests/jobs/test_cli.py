@@ -50,7 +50,7 @@ def test_backfill_jsonl_csv_parquet(tmp_path):
     assert run(["backfill", "--input", str(tmp_path / "b.csv"), "--output", str(out), "--devices", "cpu"]).returncode == 0
     assert read_output(out).num_rows == 8
     bad = run(["backfill", "--input", str(tmp_path / "c.parquet"), "--output", str(out / "q"), "--devices", "cpu"])
-    assert bad.returncode == 2 and "no column 'text'" in bad.stderr
+    assert bad.returncode == 1 and "no column 'text'" in bad.stderr
 
 
 def test_invalid_flags_are_clear_errors(tmp_path):

@@ -73,7 +73,7 @@ class KafkaBackfill:
             raise BackfillError(f"topic {self.topic!r} holds no record with a timestamp in "
                                 f"[{_iso(self.from_ms)}, {_iso(self.to_ms)})")
         self._out = BackfillOutput(cfg.output.output, cfg.output.include_text, cfg.output.compression,
-                             storage_options=cfg.output.storage_options)
+                                   storage_options=cfg.output.storage_options)
         todo = 0
         for r in self._ranges:
             done: list[Range] = self._out.prepare(self.topic, r.partition)

@@ -18,7 +18,6 @@ the finished ranges, so the rerun labels every other row once.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from nlpstream.sinks import OutputRow, ParquetSink, WrittenFile, parse_name
+from nlpstream.sinks.durable import write_durably
 from nlpstream.sinks.naming import partition_glob
 
 Range = tuple[int, int]
@@ -155,16 +155,7 @@ class BackfillOutput:
             self.fs.pipe(temp, data)
             self.fs.mv(temp, final)
             return
-        with open(temp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, final)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_durably(temp, final, lambda fh: fh.write(data), folder)
 
 
 __all__ = ["BackfillOutput", "REJECT_SCHEMA", "Range", "Reject", "covered", "merge", "next_undone"]

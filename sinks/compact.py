@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nlpstream.sinks.durable import fsync_dir, write_durably
 from nlpstream.sinks.errors import SinkError
 from nlpstream.sinks.naming import FileKey, parse_name
 
@@ -58,14 +59,6 @@ def exchange(a: Path, b: Path) -> None:
     if libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _groups(keys: list[tuple[FileKey, Path, int]], target_rows: int) -> list[list[tuple[FileKey, Path, int]]]:
@@ -106,11 +99,9 @@ def compact_parquet_folder(folder: Path, topic: str, date: str, target_rows: int
             first, last = group[0][0], group[-1][0]
             merged = FileKey(topic, date, first.partition, first.first_offset, last.last_offset)
             table = pa.concat_tables([pq.read_table(path) for _, path, _ in group])
-            with open(staging / merged.name, "wb") as fh:
-                pq.write_table(table, fh, compression=compression)
-                fh.flush()
-                os.fsync(fh.fileno())
-        _fsync_dir(staging)
+            temp = staging / f".{merged.name}.tmp"
+            write_durably(temp, staging / merged.name, lambda fh, t=table: pq.write_table(t, fh, compression=compression))
+        fsync_dir(staging)
         exchange(staging, folder)  # readers now list the compacted set; staging holds the old files
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -119,7 +110,7 @@ def compact_parquet_folder(folder: Path, topic: str, date: str, target_rows: int
     for path in staging.iterdir():  # a file finished in the old folder after the listing (a late event)
         if parse_name(topic, date, path.name) is not None and path.name not in inputs:
             os.replace(path, folder / path.name)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     shutil.rmtree(staging, ignore_errors=True)
     return len(keys), len(groups), rows
 

@@ -43,7 +43,6 @@ AWS secret of the environment.
 
 from __future__ import annotations
 
-import os
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from nlpstream.sinks import metrics
+from nlpstream.sinks.durable import write_durably
 from nlpstream.sinks.errors import SinkWriteError
 from nlpstream.sinks.naming import FileKey, parse_name, partition_glob, temp_glob
 from nlpstream.sinks.schema import OutputRow, to_table
@@ -251,16 +251,7 @@ class ParquetSink:
         return sink.getvalue().to_pybytes()
 
     def _write_local(self, table: Any, temp: str, final: str, folder: str) -> None:
-        with open(temp, "wb") as fh:
-            pq.write_table(table, fh, compression=self.compression)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, final)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(temp, final, lambda fh: pq.write_table(table, fh, compression=self.compression), folder)
 
     def _cleanup(self, temp: str) -> None:
         try:

@@ -164,3 +164,24 @@ def exactness(out: Path, partitions: int, n: int) -> dict[str, int]:
         gaps += (offsets[-1] + 1 - len(offsets)) if offsets else 0
     return {"rows": len(pairs), "lost": lost, "duplicated": duplicated, "gaps": gaps,
             "partitions_seen": len(per_partition)}
+
+
+def own_broker_with_topic(data: Path, topic: str, partitions: int, messages: list[Any]) -> Any:
+    """A broker of the test's own (so the test may stop it) with ``topic`` holding ``messages``; the caller
+    stops it with ``kafka_local.stop(data)``."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    from nlpstream.consumers import kafka_local
+    from tests.conftest import produce
+
+    info = kafka_local.start(data, port=0, timeout_s=120)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap_servers)
+        admin.create_topics([NewTopic(topic, partitions, 1)])
+        admin.close()
+        produce(info.bootstrap_servers, topic, messages)
+    except BaseException:
+        kafka_local.stop(data)
+        raise
+    return info

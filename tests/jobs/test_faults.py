@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import json_messages, produce, read_output, read_topic
-from tests.jobs.faults import committed, exactness, files, reap, restarts_of, rows_in, stream_proc, wait_for
+from tests.jobs.faults import (committed, exactness, files, own_broker_with_topic, reap, restarts_of, rows_in,
+                               stream_proc, wait_for)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
@@ -105,17 +106,9 @@ def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, uniq
 def test_broker_stopped_20s_mid_stream(make_topic, unique, tmp_path):
     from nlpstream.consumers import kafka_local
 
-    data = tmp_path / "broker"
-    info = kafka_local.start(data, port=0, timeout_s=120)
+    data, n = tmp_path / "broker", 4000
+    info = own_broker_with_topic(data, unique, 3, json_messages(n, prefix=unique))
     try:
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-
-        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap_servers)
-        admin.create_topics([NewTopic(unique, 3, 1)])
-        admin.close()
-        n = 4000
-        produce(info.bootstrap_servers, unique, json_messages(n, prefix=unique))
         out, log = tmp_path / "out", tmp_path / "job.log"
         job = stream_proc(info.bootstrap_servers, unique, out, f"{unique}-g", "--max-messages", str(n), log=log)
         wait_for(lambda: rows_in(out) > 300, 180, "first rows", job)

@@ -3,7 +3,6 @@ Kafka progress read back from the table itself (real broker, tables read with Po
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import json_messages, produce
-from tests.jobs.faults import committed, reap, stream_proc, wait_for
+from tests.jobs.faults import committed, own_broker_with_topic, reap, stream_proc, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 FORMATS = ("delta", "iceberg")
@@ -222,19 +221,11 @@ def test_table_refusing_commits_then_back(fmt, kafka_bootstrap, make_topic, uniq
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_broker_stopped_20s_mid_stream(fmt, unique, tmp_path):
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
     from nlpstream.consumers import kafka_local
 
-    data = tmp_path / "broker"
-    info = kafka_local.start(data, port=0, timeout_s=120)
+    data, n = tmp_path / "broker", 2500
+    info = own_broker_with_topic(data, unique, 3, json_messages(n, prefix=unique))
     try:
-        admin = KafkaAdminClient(bootstrap_servers=info.bootstrap_servers)
-        admin.create_topics([NewTopic(unique, 3, 1)])
-        admin.close()
-        n = 2500
-        produce(info.bootstrap_servers, unique, json_messages(n, prefix=unique))
         table, log = Table(fmt, tmp_path), tmp_path / "job.log"
         job = spawn(info.bootstrap_servers, unique, table, f"{unique}-g", log, "--max-messages", str(n))
         wait_for(lambda: table.rows() > 300, 180, "first commits", job)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pyarrow.dataset as ds
-import pytest
 from typer.testing import CliRunner
 
 from nlpstream.jobs.cli import app

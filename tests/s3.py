@@ -141,9 +141,17 @@ def read_back(server: S3Server, url: str) -> Any:
 
     fs = server.filesystem()
     root = url.removeprefix("s3://")
-    if not fs.find(root):
-        return None
-    return ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+    for attempt in range(3):  # a listing taken while the job writes can be stale by the time it is read
+        fs.invalidate_cache()
+        if not fs.find(root):
+            return None
+        try:
+            return ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+    return None
 
 
 def exactness_s3(server: S3Server, url: str, partitions: int, ids: list[str]) -> dict[str, int]:

@@ -141,16 +141,17 @@ def read_back(server: S3Server, url: str) -> Any:
 
     fs = server.filesystem()
     root = url.removeprefix("s3://")
-    for attempt in range(3):  # a listing taken while the job writes can be stale by the time it is read
+    tries = 20  # while the job writes, an object listed can be unreadable for a moment (seen under load on moto)
+    for attempt in range(tries):
         fs.invalidate_cache()
         if not fs.find(root):
             return None
         try:
             return ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive").to_table()
         except FileNotFoundError:
-            if attempt == 2:
+            if attempt == tries - 1:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.25)
     return None
 
 

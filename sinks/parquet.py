@@ -74,7 +74,29 @@ class WrittenFile:
     rows: int
 
 
-class ParquetSink:
+class RowBuffer:
+    """The buffering every row sink shares: ``write`` only buffers, ``discard`` drops a revoked partition's rows."""
+
+    def __init__(self) -> None:
+        self._buffer: list[OutputRow] = []
+
+    # -- sink protocol ----------------------------------------------------
+    def write(self, rows: Sequence[OutputRow]) -> None:
+        """Buffer rows; nothing is durable until :meth:`flush` returns."""
+        self._buffer.extend(rows)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def discard(self, topic: str, partition: int) -> int:
+        """Drop buffered rows of a partition (lost in a rebalance); returns how many."""
+        before = len(self._buffer)
+        self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
+        return before - len(self._buffer)
+
+
+class ParquetSink(RowBuffer):
     """Buffers output rows and writes them as deterministic Parquet files.
 
     ``url``: a local folder or any fsspec URL (``s3://bucket/prefix``,
@@ -97,16 +119,7 @@ class ParquetSink:
         self._secrets = secret_values(storage_options)
         # what a storage call may raise: a local disk raises OSError; remote clients have errors of their own
         self._errors: tuple[type[BaseException], ...] = (OSError, RuntimeError) if self._local else (Exception,)
-        self._buffer: list[OutputRow] = []
-
-    # -- sink protocol ----------------------------------------------------
-    def write(self, rows: Sequence[OutputRow]) -> None:
-        """Buffer rows; nothing is durable until :meth:`flush` returns."""
-        self._buffer.extend(rows)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
+        super().__init__()
 
     def flush(self) -> list[WrittenFile]:
         """Write all buffered rows durably; returns the files written (possibly none)."""
@@ -158,12 +171,6 @@ class ParquetSink:
         log.warning("%d rows of %s-%d (offsets %d..%d) are already in files another worker wrote; not writing them "
                     "again", dropped, first.topic, first.partition, first.offset, chunk[-1].offset)
         return [p for p in pieces if p]
-
-    def discard(self, topic: str, partition: int) -> int:
-        """Drop buffered rows of a partition (lost in a rebalance); returns how many."""
-        before = len(self._buffer)
-        self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
-        return before - len(self._buffer)
 
     def close(self) -> None:
         """Flush what is buffered."""

@@ -38,7 +38,7 @@ import pyarrow as pa
 from nlpstream.sinks import metrics
 from nlpstream.sinks.errors import SinkError, SinkWriteError
 from nlpstream.sinks.naming import FileKey
-from nlpstream.sinks.parquet import WrittenFile
+from nlpstream.sinks.parquet import RowBuffer, WrittenFile
 from nlpstream.sinks.schema import OutputRow, arrow_schema, to_table
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _ranges(rows: list[OutputRow]) -> list[WrittenFile]:
     return out
 
 
-class _TableSink:
+class _TableSink(RowBuffer):
     """Buffering, ordering and zombie filtering shared by the table formats."""
 
     format = "table"
@@ -81,21 +81,9 @@ class _TableSink:
         self.url = url
         self.include_text = include_text
         self.heads = tuple(heads)
-        self._buffer: list[OutputRow] = []
+        super().__init__()
 
-    # -- sink protocol ----------------------------------------------------
-    def write(self, rows: Sequence[OutputRow]) -> None:
-        self._buffer.extend(rows)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def discard(self, topic: str, partition: int) -> int:
-        before = len(self._buffer)
-        self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
-        return before - len(self._buffer)
-
+    # -- sink protocol (write, buffered, discard: RowBuffer) ---------------
     def remove_temp_files(self, topic: str, partition: int) -> int:
         """Nothing to remove: data files of a commit that never happened are invisible (vacuum / orphan cleanup)."""
         return 0

@@ -818,8 +818,11 @@ class StreamJob:
         handled again: their dead letters and alerts go in the new
         transaction (whatever an earlier one sent was aborted by the fence or
         is committed with that offset), their rows are not written again.
-        Without a committed offset the job starts where the files end (and
-        commits that position) or, with no files, where the group resets.
+        Without a committed offset the job starts at the log start with
+        ``auto_offset_reset=earliest`` (a first transaction may have been lost
+        after its files were written: everything below the files' end is
+        handled again, without rows), else where the files end (committing
+        that position) or, with no files, at the end of the log.
         False when the brokers did not answer (retried with backoff).
         """
         assert self._txn is not None
@@ -840,8 +843,11 @@ class StreamJob:
                 return True
             last = self._sink.last_offset(*tp)
             files_end = None if last is None else last + 1
-            start = group if group is not None else files_end
-            if group is None and files_end is not None:
+            earliest = self.config.kafka.auto_offset_reset == "earliest"
+            # no committed offset and files: the first transaction may have been lost after the files were
+            # written, so with "earliest" everything is handled again (without rows) from the log start
+            start = group if group is not None else reset.get(tp) if earliest else files_end
+            if group is None and not earliest and files_end is not None:
                 self._resume_commits[tp] = files_end  # committed by a transaction of its own
             if files_end is not None:
                 self._rows_floor[tp] = files_end

@@ -249,7 +249,7 @@ def _proc(bootstrap: str, topic: str, out: Path, group: str, log: Path, *extra: 
 @pytest.mark.model
 @pytest.mark.usefixtures("_reap_jobs")
 def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic, unique, tmp_path):
-    parts, n = 3, 1600
+    parts, n = 3, 4000
     topic = make_topic(unique, partitions=parts)
     messages, dead = _corpus(n, unique)
     produce(kafka_bootstrap, topic, messages)
@@ -258,13 +258,12 @@ def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic
     kills = 0
     for attempt in range(8):
         proc = _proc(kafka_bootstrap, topic, out, f"{unique}-g", log)
-        if attempt % 2 == 1:  # right after a file appeared: its dead letters' transaction is often open
-            before = len(files(out))
-            wait_for(lambda: len(files(out)) > before or rows_in(out) >= n - dead or proc.poll() is not None, 120,
-                     "a new file")
-            time.sleep(rng.uniform(0.0, 0.4))
-        else:
-            time.sleep(rng.uniform(3.0, 6.0))
+        # after a new file appeared (not while the model loads): the next batch's transaction is open, often
+        # with its files written and not yet committed
+        before = len(files(out))
+        wait_for(lambda: len(files(out)) > before or rows_in(out) >= n - dead or proc.poll() is not None, 120,
+                 "a new file")
+        time.sleep(rng.uniform(0.0, 0.4) if attempt % 2 else rng.uniform(0.4, 2.0))
         done = rows_in(out)
         assert proc.poll() is None, f"the job exited by itself ({proc.returncode}): {log.read_text()[-2000:]}"
         proc.kill()

@@ -3,7 +3,6 @@ real-broker tests with kill -9 and a zombie worker, read back with read_committe
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -278,7 +277,7 @@ def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     rows = exactness(out, parts, n - dead)
     assert rows["duplicated"] == 0 and rows["rows"] == n - dead, rows
-    result = _check_topics(kafka_bootstrap, topic, dead, f"kill -9 x{kills}")
+    _check_topics(kafka_bootstrap, topic, dead, f"kill -9 x{kills}")
     assert "Traceback" not in log.read_text()
 
 

@@ -42,7 +42,7 @@ from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.config import OutputConfig, StreamConfig
 from nlpstream.jobs.ledger import OffsetLedger
-from nlpstream.jobs.transactions import PartitionTransactions, TransactionError
+from nlpstream.jobs.transactions import PartitionTransactions, TransactionError, resume_point
 from nlpstream.sinks import (AlertSink, DeltaSink, FileAlertSink, IcebergSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
                              WebhookAlertSink, check_output)
 
@@ -844,11 +844,9 @@ class StreamJob:
             last = self._sink.last_offset(*tp)
             files_end = None if last is None else last + 1
             earliest = self.config.kafka.auto_offset_reset == "earliest"
-            # no committed offset and files: the first transaction may have been lost after the files were
-            # written, so with "earliest" everything is handled again (without rows) from the log start
-            start = group if group is not None else reset.get(tp) if earliest else files_end
-            if group is None and not earliest and files_end is not None:
-                self._resume_commits[tp] = files_end  # committed by a transaction of its own
+            start, commit_start = resume_point(group, files_end, reset.get(tp) if earliest else None, earliest)
+            if commit_start and start is not None:
+                self._resume_commits[tp] = start  # committed by a transaction of its own
             if files_end is not None:
                 self._rows_floor[tp] = files_end
             else:

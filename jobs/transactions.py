@@ -56,6 +56,27 @@ def transactional_id(prefix: str, tp: TP) -> str:
     return f"{prefix}-{tp[0]}-{tp[1]}"
 
 
+def resume_point(group: int | None, files_end: int | None, log_start: int | None,
+                 earliest: bool) -> tuple[int | None, bool]:
+    """Where a freshly fenced partition resumes, and whether that position must be committed as is.
+
+    ``group``: the group's committed offset (read after the fence);
+    ``files_end``: the next offset the files or table do not hold;
+    ``log_start``: the partition's first offset. The committed offset wins:
+    records from there to ``files_end`` are handled again (dead letters and
+    alerts resent in the new transaction, rows not rewritten). Without one,
+    ``earliest`` re-reads from the log start, since a first transaction may
+    have been lost after its files were written; otherwise the job starts
+    where the files end and commits that position (``latest`` never
+    re-reads). None: no position is known (the consumer's reset decides).
+    """
+    if group is not None:
+        return group, False
+    if earliest:
+        return log_start, False
+    return files_end, files_end is not None
+
+
 class PartitionTransactions:
     """The open transactions of the input partitions this worker owns (one producer each).
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from nlpstream.consumers.records import InputRecord
-from nlpstream.jobs.transactions import PartitionTransactions, TransactionError, is_fenced, transactional_id
+from nlpstream.jobs.transactions import (PartitionTransactions, TransactionError, is_fenced, resume_point,
+                                         transactional_id)
 from tests.conftest import json_messages, produce
 from tests.jobs.faults import exactness, files, reap, rows_in, stream_proc, wait_for
 
@@ -154,6 +155,17 @@ def test_alerts_join_the_transaction_of_their_partition():
     txns.open(("in", 3))
     txns.send_alerts([Alert("a1", "r", "message", "in", 3, 7, "m7", None, 0)])
     assert made["nlp-g-in-3"].calls[-1] == ("send", "alerts", b"a1")
+
+
+def test_resume_point_prefers_the_committed_offset():
+    # committed behind the files: handled again from the committed offset (rows below files_end not rewritten)
+    assert resume_point(100, 250, 0, earliest=True) == (100, False)
+    assert resume_point(300, 250, 0, earliest=False) == (300, False)
+    # no commit yet, files written: the first transaction may be lost, so re-read from the log start
+    assert resume_point(None, 250, 0, earliest=True) == (0, False)
+    # "latest" never re-reads: start where the files end and commit that position
+    assert resume_point(None, 250, None, earliest=False) == (250, True)
+    assert resume_point(None, None, None, earliest=False) == (None, False)
 
 
 def test_fence_classification():

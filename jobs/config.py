@@ -44,6 +44,13 @@ class KafkaConfig(_Section):
         "is rebuilt (guards against client-side fetch stalls)."))
     startup_timeout: float = Field(120.0, ge=0, description=(
         "Seconds to wait for the brokers at start-up (retried with backoff) before giving up; 0: one try."))
+    transactions: bool = Field(False, description=(
+        "Exactly-once dead letters and Kafka alerts: each input partition's dead letters, alert records and "
+        "committed offset go in one Kafka transaction after its files or table commit are durable "
+        "(read them with isolation_level=read_committed). Off: at-least-once (a crash may repeat some)."))
+    transactional_id_prefix: str | None = Field(None, description=(
+        "Prefix of the transactional ids (<prefix>-<topic>-<partition>); default 'nlpstream-<group_id>'. "
+        "Workers of one group must share it; different groups must not."))
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

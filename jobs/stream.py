@@ -43,6 +43,7 @@ from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.config import OutputConfig, StreamConfig
 from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
 from nlpstream.jobs.ledger import OffsetLedger
+from nlpstream.jobs.transactions import PartitionTransactions, TransactionError, resume_point
 from nlpstream.sinks import (AlertSink, DeltaSink, FileAlertSink, IcebergSink, KafkaAlertSink, OutputRow, ParquetSink, SinkError,
                              WebhookAlertSink, check_output)
 
@@ -168,6 +169,13 @@ class StreamJob:
         self._settle_warned = False
         self._end_offsets: dict[TP, int] = {}  # read from the brokers while fetching is paused (lag stays true)
         self._next_end_read = 0.0
+        # kafka.transactions: dead letters, Kafka alerts and offsets in one transaction per input partition
+        self._txn: PartitionTransactions | None = None
+        self._pending: dict[TP, float] = {}  # assigned or rewound, paused: not fenced / committed offset unread
+        self._next_prepare = 0.0
+        self._prepare_backoff = 0.0
+        self._rows_floor: dict[TP, int] = {}  # where the files end: records below are re-handled without rows
+        self._rebuild_wanted = False  # fenced: another worker holds our partition; leave the group and rejoin
 
     # -- control --------------------------------------------------------------
     def stop(self) -> None:
@@ -211,7 +219,10 @@ class StreamJob:
             token = cfg.alerts.alert_webhook_token
             auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
             self._alert_sinks.append(WebhookAlertSink(cfg.alerts.alert_webhook_url, headers=auth))
-        if cfg.alerts.alert_topic:
+        if cfg.kafka.transactions:
+            prefix = cfg.kafka.transactional_id_prefix or f"nlpstream-{cfg.kafka.group_id}"
+            self._txn = PartitionTransactions(conn, prefix, cfg.kafka.group_id, cfg.dlq_topic(), cfg.alerts.alert_topic)
+        if cfg.alerts.alert_topic and self._txn is None:
             from kafka import KafkaProducer
             from kafka.errors import KafkaError
 
@@ -244,6 +255,8 @@ class StreamJob:
                 self._poll_clock += now - polled_at
                 if self._fatal is not None:
                     raise self._fatal
+                if self._txn is not None:
+                    self._txn_housekeeping(now)
                 if self._registry is not None:
                     records = self._resolve_schemas(records, now)
                 with self._lock:
@@ -307,7 +320,7 @@ class StreamJob:
         if self._registry_paused and now >= self._registry_retry_at:
             self._registry_paused = False
             if not self._paused:
-                self._input.resume(self._input.assignment())
+                self._input.resume(self._resumable())
                 for tp in self._input.assignment():  # paused time is no fetch stall
                     self._progress[tp] = self._poll_clock
         if not records:
@@ -387,7 +400,8 @@ class StreamJob:
         limit, now = self.config.kafka.fetch_stall_timeout, self._poll_clock
         if self._paused or self._registry_paused:
             return
-        quiet = [tp for tp in self._input.assignment() if now - self._progress.setdefault(tp, now) >= limit]
+        quiet = [tp for tp in self._input.assignment()
+                 if tp not in self._pending and now - self._progress.setdefault(tp, now) >= limit]
         if not quiet:
             return
         try:
@@ -474,6 +488,8 @@ class StreamJob:
         Records of one partition come in ascending offsets, so what the ledger
         skips is a prefix of each run; metrics and the summary move once per topic.
         """
+        if self._pending:  # not fenced yet or rewinding: fetched again once prepared
+            records = [r for r in records if (r.topic, r.partition) not in self._pending]
         accepted: list[InputRecord] = []
         consumed: Counter[str] = Counter()
         skipped: Counter[str] = Counter()
@@ -552,6 +568,11 @@ class StreamJob:
         """
         records, good, undecodable = batch.records, batch.good, batch.undecodable
         results = batch.results.result()
+        if self._pending:  # a partition rewound while this batch was in flight: handled again after the rewind
+            keep = [i for i, d in enumerate(good) if (d.record.topic, d.record.partition) not in self._pending]
+            good, results = [good[i] for i in keep], [results[i] for i in keep]
+            undecodable = [(r, e) for r, e in undecodable if (r.topic, r.partition) not in self._pending]
+            records = [r for r in records if (r.topic, r.partition) not in self._pending]
         for record, exc in undecodable:
             self._dead_letter(record, *decode_failure(exc))
         if good:
@@ -565,10 +586,13 @@ class StreamJob:
                 if isinstance(result, BaseException):
                     self._dead_letter(rec, *inference_failure(result))
                     continue
-                rows.append(output_row(decoded, result, processed_at, self._engine.model_name))
-                event_ms = rows[-1].event_time_ms
+                row = output_row(decoded, result, processed_at, self._engine.model_name)
+                event_ms = row.event_time_ms
+                floor = self._rows_floor.get((rec.topic, rec.partition))
+                if floor is None or rec.offset >= floor:  # below: the files hold its row; alerts are sent again
+                    rows.append(row)
                 key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
-                heads = {name: (label, score) for name, label, score in rows[-1].heads}
+                heads = {name: (label, score) for name, label, score in row.heads}
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
                                               result.score, event_ms, None if key is None else str(key), heads))
             self._sink.write(rows)
@@ -578,6 +602,8 @@ class StreamJob:
                 metrics.ALERTED.labels(alert.kind).inc()
             for sink in self._alert_sinks:
                 sink.write(alerts)
+            if self._txn is not None:
+                self._txn.send_alerts(alerts)
             self._alerts_pending += len(alerts)
         last: dict[TP, int] = {}
         for record in records:  # ascending per partition: the last one is the highest
@@ -626,7 +652,10 @@ class StreamJob:
             return self._bisect(texts[:half]) + self._bisect(texts[half:])
 
     def _dead_letter(self, record: InputRecord, error_class: str, message: str, reason: str) -> None:
-        self._dlq.send(record, error_class, message)
+        if self._txn is not None:
+            self._txn.send_dead_letter(record, error_class, message)
+        else:
+            self._dlq.send(record, error_class, message)
         self._dlq_pending.append((record.topic, reason))
 
     def _has_pending(self) -> bool:
@@ -636,6 +665,9 @@ class StreamJob:
         """Make everything handled durable (DLQ, files, alerts); True on success. Caller holds the lock."""
         try:
             self._dlq.flush()
+            lost = self._txn.flush() if self._txn is not None else {}
+            for error in lost.values():  # that partition's records are handled again from the committed offset
+                self._txn_failed(error)
             files = self._sink.flush()
             for sink in self._alert_sinks:
                 sink.flush()
@@ -677,6 +709,9 @@ class StreamJob:
             offsets.update(self._settled_positions(owned, offsets))
         if not offsets:
             return
+        if self._txn is not None:
+            self._commit_transactions(offsets, resumed)
+            return
         try:
             ok = self._input.commit(offsets)
         except Exception as exc:  # noqa: BLE001 - a failed commit is retried on the next round
@@ -693,6 +728,142 @@ class StreamJob:
         if ok and resumed:
             log.info("committed the positions the files end at (resume): %s",
                      ", ".join(f"{t}-{p}@{o}" for (t, p), o in sorted(resumed.items())))
+
+    # -- kafka.transactions (see jobs/transactions.py) ---------------------------------------
+    def _resumable(self) -> list[TP]:
+        """The assigned partitions that may fetch: not those waiting to be prepared (transactions)."""
+        return [tp for tp in self._input.assignment() if tp not in self._pending]
+
+    def _commit_transactions(self, offsets: dict[TP, int], resumed: dict[TP, int]) -> None:
+        """Commit each partition's transaction (its dead letters, alerts and next offset); rewind failures."""
+        assert self._txn is not None
+        failed = self._txn.commit(offsets)
+        done = {tp: off for tp, off in offsets.items() if tp not in failed}
+        if done:
+            metrics.COMMITS.labels("ok").inc()
+        with self._lock:
+            self._ledger.committed(done)
+            for tp in done:
+                self._resume_commits.pop(tp, None)
+            self._committed.update(done)
+            for error in failed.values():
+                metrics.COMMITS.labels("error").inc()
+                self._txn_failed(error)
+        resumed = {tp: off for tp, off in resumed.items() if tp in done}
+        if resumed:
+            log.info("committed the positions the files end at (resume): %s",
+                     ", ".join(f"{t}-{p}@{o}" for (t, p), o in sorted(resumed.items())))
+
+    def _txn_failed(self, error: TransactionError) -> None:
+        """A partition's transaction is lost or its outcome unknown: handle the partition again from the
+        group's committed offset, with a new producer (whose fence ends that transaction). Caller holds the lock.
+
+        Fenced means another worker holds the partition now (we were evicted):
+        leave the group and join again rather than fence it back.
+        """
+        assert self._txn is not None
+        tp = error.tp
+        self._txn.retire([tp])
+        if error.fenced:
+            log.warning("transactions of %s-%d fenced by another worker (this one was evicted?); dropping what "
+                        "is in hand and rejoining the group: %s", tp[0], tp[1], error)
+            self._rebuild_wanted = True
+        else:
+            log.warning("transaction of %s-%d failed; handling it again from the committed offset: %s",
+                        tp[0], tp[1], error)
+        if tp in set(self._input.assignment()):
+            self._discard(*tp)
+            self._ledger.assigned(tp, None)
+            self._committed.pop(tp, None)
+            self._resume_commits.pop(tp, None)
+            self._pending[tp] = time.monotonic()
+            self._input.pause([tp])
+
+    def _assigned_transactional(self, tp: TP) -> None:
+        """A newly assigned partition waits, paused, until :meth:`_prepare` fenced its id. Caller holds the lock."""
+        self._ledger.assigned(tp, None)  # nothing is accepted before the prepare (see _accept_batch)
+        self._committed.pop(tp, None)
+        self._pending[tp] = time.monotonic()
+        self._next_prepare = 0.0
+        self._prepare_backoff = 0.0
+        self._input.pause([tp])
+        self._progress[tp] = self._poll_clock
+        self._assigned_at[tp] = time.monotonic()
+
+    def _txn_housekeeping(self, now: float) -> None:
+        """Main loop: prepare waiting partitions, close retired producers, rejoin after a fence."""
+        assert self._txn is not None
+        if self._rebuild_wanted:
+            self._rebuild_wanted = False
+            self._rebuild_input()
+        if self._pending and now >= self._next_prepare:
+            for tp in list(self._pending):
+                if not self._prepare(tp):
+                    self._prepare_backoff = min(_MAX_BACKOFF_S, max(0.5, self._prepare_backoff * 2))
+                    self._next_prepare = now + self._prepare_backoff
+                    break
+            else:
+                self._prepare_backoff = 0.0
+        self._txn.reap()
+
+    def _prepare(self, tp: TP) -> bool:
+        """Fence ``tp``'s transactional id, then read its committed offset and resume there.
+
+        Records between the committed offset and the end of the files are
+        handled again: their dead letters and alerts go in the new
+        transaction (whatever an earlier one sent was aborted by the fence or
+        is committed with that offset), their rows are not written again.
+        Without a committed offset the job starts at the log start with
+        ``auto_offset_reset=earliest`` (a first transaction may have been lost
+        after its files were written: everything below the files' end is
+        handled again, without rows), else where the files end (committing
+        that position) or, with no files, at the end of the log.
+        False when the brokers did not answer (retried with backoff).
+        """
+        assert self._txn is not None
+        try:
+            self._txn.open(tp)
+            group = self._input.committed_offsets([tp]).get(tp)
+            reset: dict[TP, int] = {}
+            if group is None:
+                reset = (self._input.beginning_offsets([tp]) if self.config.kafka.auto_offset_reset == "earliest"
+                         else self._input.end_offsets([tp]))
+        except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports it; try again later
+            log.warning("cannot prepare %s-%d for transactions yet (retrying): %s", tp[0], tp[1], exc)
+            self._txn.retire([tp])
+            return False
+        with self._lock:
+            if tp not in self._pending or tp not in set(self._input.assignment()):
+                self._txn.retire([tp])  # revoked meanwhile
+                return True
+            try:
+                last = self._sink.last_offset(*tp)
+            except SinkError as exc:  # an object store briefly unreachable: tried again with backoff
+                log.warning("cannot read where %s-%d's files end yet (retrying): %s", tp[0], tp[1], exc)
+                self._txn.retire([tp])
+                return False
+            files_end = None if last is None else last + 1
+            earliest = self.config.kafka.auto_offset_reset == "earliest"
+            start, commit_start = resume_point(group, files_end, reset.get(tp) if earliest else None, earliest)
+            if commit_start and start is not None:
+                self._resume_commits[tp] = start  # committed by a transaction of its own
+            if files_end is not None:
+                self._rows_floor[tp] = files_end
+            else:
+                self._rows_floor.pop(tp, None)
+            self._ledger.assigned(tp, start)
+            if start is not None:
+                self._input.seek(tp[0], tp[1], start)
+            known = group if group is not None else reset.get(tp)
+            if known is not None:
+                self._committed[tp] = known
+            del self._pending[tp]
+            if not (self._paused or self._registry_paused):
+                self._input.resume([tp])
+            self._progress[tp] = self._poll_clock
+        log.info("assigned %s-%d (transactional): committed offset %s, files end at %s, resuming at %s",
+                 tp[0], tp[1], group, None if files_end is None else files_end - 1, start)
+        return True
 
     def _settled_positions(self, owned: set[TP], offsets: dict[TP, int]) -> dict[TP, int]:
         """Positions to commit past offsets that hold no record (transaction markers, compacted gaps).
@@ -781,7 +952,7 @@ class StreamJob:
             log.warning("pausing consumption: %d rows wait for the sink", self._sink.buffered)
         elif self._paused and self._sink.buffered < limit // 2:
             if not self._registry_paused:  # that pause ends with its own retry
-                self._input.resume(self._input.assignment())
+                self._input.resume(self._resumable())
             self._paused = False
             for tp in self._input.assignment():  # paused time is no fetch stall
                 self._progress[tp] = self._poll_clock
@@ -821,6 +992,9 @@ class StreamJob:
                 except SinkError as exc:  # the client swallows callback errors: the loop raises it after poll
                     self._fatal = exc
                     return
+                if self._txn is not None:
+                    self._assigned_transactional(tp)  # where the files end is read again once its id is fenced
+                    continue
                 self._ledger.assigned(tp, None if last is None else last + 1)
                 self._resume_at[tp] = None if last is None else last + 1
                 self._committed.pop(tp, None)
@@ -877,6 +1051,8 @@ class StreamJob:
                      dropped, topic, partition)
 
     def _forget(self, partitions: list[TP]) -> None:
+        if self._txn is not None:
+            self._txn.retire(partitions)  # their open transactions are aborted: the next owner redoes them
         for topic, partition in partitions:
             tp = (topic, partition)
             self._ledger.forget([tp])
@@ -885,6 +1061,8 @@ class StreamJob:
             self._resume_at.pop(tp, None)
             self._resume_commits.pop(tp, None)
             self._committed.pop(tp, None)
+            self._pending.pop(tp, None)
+            self._rows_floor.pop(tp, None)
             for gauge in (metrics.CONSUMER_LAG, metrics.COMMITTED_LAG):
                 try:
                     gauge.remove(topic, str(partition))
@@ -897,6 +1075,7 @@ class StreamJob:
         for closer in (
             getattr(self, "_input", None) and self._input.close,
             getattr(self, "_dlq", None) and self._dlq.close,
+            self._txn.close if self._txn is not None else None,
             *(s.close for s in getattr(self, "_alert_sinks", [])),
             self._alert_producer.close if getattr(self, "_alert_producer", None) else None,
             self._engine.close if self._owns_engine and self._engine is not None else None,

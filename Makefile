@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nlpstream-$(shell sha256sum pyproject.toml | cut -c1-16)-$(shell pwd | sha256sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-tools
+.PHONY: install demo test test-fast test-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -30,3 +30,7 @@ test-tools:
 
 test: install test-tools
 	HF_HUB_OFFLINE=1 PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# the developer's loop: tests that need neither the broker nor the real model (about a minute)
+test-fast: install
+	HF_HUB_OFFLINE=1 PATH=$(VENV)/bin:$$PATH $(PY) -m pytest -q -m "not kafka and not model" $(PYTEST_ARGS)

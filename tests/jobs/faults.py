@@ -185,3 +185,104 @@ def own_broker_with_topic(data: Path, topic: str, partitions: int, messages: lis
         kafka_local.stop(data)
         raise
     return info
+
+
+# -- kafka.transactions: dead letters and alerts read back as read_committed and default readers see them ------------
+TXN_ENV = {"NLPSTREAM_KAFKA__TRANSACTIONS": "true", "NLPSTREAM_ALERTS__MESSAGE_LABEL": "negative",
+           "NLPSTREAM_ALERTS__MESSAGE_MIN_SCORE": "0.0"}
+
+
+def txn_env(topic: str, **extra: str) -> dict[str, str]:
+    """A transactional job's environment: every negative message alerts to ``<topic>.alerts``; dead letters go to
+    the default ``<topic>.dlq``."""
+    return {**TXN_ENV, "NLPSTREAM_ALERTS__ALERT_TOPIC": f"{topic}.alerts", **extra}
+
+
+def dirty_corpus(n: int, prefix: str) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
+    """JSON messages with every 8th replaced by a record that cannot be decoded (``prefix-i`` ids otherwise)."""
+    from tests.conftest import json_messages
+
+    bad = [b"\xff\xfe", b"", None, b"{nope", b"[1]", b'{"x": 1}', b'{"text": 3}', b'{"text": " "}']
+    messages = json_messages(n, prefix=prefix)
+    dead = 0
+    for i in range(0, n, 8):
+        messages[i] = (messages[i][0], bad[(i // 8) % len(bad)])
+        dead += 1
+    return messages, dead
+
+
+def good_ids(n: int, prefix: str) -> list[str]:
+    """The ids of the decodable messages of ``dirty_corpus(n, prefix)``."""
+    return [f"{prefix}-{i}" for i in range(n) if i % 8]
+
+
+def read_all(bootstrap: str, topic: str, isolation: str, timeout_s: float = 20.0) -> list[Any]:
+    """Every record of ``topic`` up to its end offsets now (read_committed stops at the last stable offset)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                             isolation_level=isolation)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in tps):
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        return [ends[TopicPartition(topic, p)] for p in range(partitions)]
+    finally:
+        consumer.close()
+
+
+def dead_keys(records: list[Any]) -> Counter[tuple[bytes, bytes, bytes]]:
+    def key(r: Any) -> tuple[bytes, bytes, bytes]:
+        h = dict(r.headers)
+        return h["nlpstream.source.topic"], h["nlpstream.source.partition"], h["nlpstream.source.offset"]
+
+    return Counter(key(r) for r in records)
+
+
+def check_txn_topics(bootstrap: str, topic: str, dead_expected: int, what: str,
+                     alert_ids: set[str] | None = None) -> dict[str, int]:
+    """read_committed sees each dead letter and alert once; read_uncommitted sees them all (maybe repeated).
+
+    ``alert_ids``: the ids of the messages the output labels negative; each must have its one alert.
+    """
+    import json
+
+    dlq = dead_keys(read_all(bootstrap, f"{topic}.dlq", "read_committed"))
+    dlq_all = dead_keys(read_all(bootstrap, f"{topic}.dlq", "read_uncommitted"))
+    committed_alerts = read_all(bootstrap, f"{topic}.alerts", "read_committed")
+    alerts = Counter(r.key for r in committed_alerts)
+    alerts_all = Counter(r.key for r in read_all(bootstrap, f"{topic}.alerts", "read_uncommitted"))
+    result = {"dead": len(dlq), "dead_dup_committed": sum(dlq.values()) - len(dlq),
+              "dead_dup_uncommitted": sum(dlq_all.values()) - len(dlq_all),
+              "alerts": len(alerts), "alerts_dup_committed": sum(alerts.values()) - len(alerts),
+              "alerts_dup_uncommitted": sum(alerts_all.values()) - len(alerts_all)}
+    print(f"\nTXN-TABLE | {what} | {result}")
+    assert len(dlq) == dead_expected and result["dead_dup_committed"] == 0, result
+    assert set(dlq_all) == set(dlq), "a default reader still reads every dead letter"
+    assert alerts and result["alerts_dup_committed"] == 0, result
+    assert set(alerts_all) == set(alerts), "an alert seen only in an aborted transaction was lost"
+    if alert_ids is not None:
+        ids = Counter(json.loads(r.value)["message_id"] for r in committed_alerts)
+        assert set(ids) == alert_ids and max(ids.values()) == 1, \
+            f"alerts: {len(ids)} ids, {len(alert_ids)} negative rows, {len(set(ids) ^ alert_ids)} differ"
+    return result

@@ -2,8 +2,12 @@
 
 The real CLI in a subprocess, a real broker, read back with pyarrow through
 s3fs: every id exactly once, no temporary object left visible, through
-kill -9 and resume, a permission outage mid-stream, both ways of giving
-credentials; start-up mistakes end in one ``error:`` line without secrets.
+kill -9 and resume, a group member killed and another added, a broker
+restart, a permission outage mid-stream, both ways of giving credentials;
+start-up mistakes end in one ``error:`` line without secrets. The fault runs
+are transactional (kafka.transactions) over topics where every 8th record
+cannot be decoded and every negative message alerts to a Kafka topic: a
+read_committed reader sees each dead letter and alert once.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import yaml
 
 from nlpstream.jobs.config import StreamConfig, load_config
 from tests.conftest import json_messages, produce
-from tests.jobs.faults import committed, reap, restarts_of, stream_proc, wait_for
+from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, end_offsets, good_ids, own_broker_with_topic,
+                               reap, restarts_of, stream_proc, txn_env, wait_for)
 from tests.s3 import ends_per_partition, exactness_s3, hidden_objects, objects, read_back
 
 CLI = [sys.executable, "-m", "nlpstream.jobs.cli"]
@@ -40,6 +45,29 @@ def queued(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> 
     topic = make_topic(unique, partitions=partitions)
     produce(bootstrap, topic, json_messages(n, prefix=unique))
     return topic, [f"{unique}-{i}" for i in range(n)]
+
+
+def queued_dirty(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> str:
+    topic = make_topic(unique, partitions=partitions)
+    produce(bootstrap, topic, dirty_corpus(n, unique)[0])
+    return topic
+
+
+def check_dirty(server, url: str, bucket: str, bootstrap: str, group: str, topic: str, parts: int, n: int,
+                prefix: str, what: str) -> dict[str, int]:
+    """Each decodable message of the dirty corpus once in the objects, no hidden object, the whole topic
+    committed, each dead letter and alert once to a read_committed reader."""
+    ids = good_ids(n, prefix)
+    result = exactness_s3(server, url, parts, ids)
+    result.pop("gaps")  # the dead letters' offsets are gaps in the rows
+    assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, result
+    assert hidden_objects(server, bucket) == [], "temporary objects left visible to readers"
+    assert committed(bootstrap, group, topic, parts) == end_offsets(bootstrap, topic, parts)
+    table = read_back(server, url)
+    negative = {i for i, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist())
+                if label == "negative"}
+    check_txn_topics(bootstrap, topic, n - len(ids), f"s3: {what}", alert_ids=negative)
+    return result
 
 
 def rows_on(server, url: str) -> int:
@@ -85,7 +113,8 @@ def test_stream_to_s3_with_env_credentials_every_message_once(kafka_bootstrap, m
 @pytest.mark.kafka
 @pytest.mark.model
 def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, s3_server, s3_bucket):
-    """Three kill -9 each just after an object appeared (in or near the next PUT), then a clean finish.
+    """Three kill -9 each just after an object appeared (in or near the next PUT), then a clean finish; transactional
+    dead letters and alerts.
 
     fp32 on torch: the shortest start-up; 64 records per poll: small objects, so each kill lands mid-stream;
     a static member id (the pod name on Kubernetes): a restart takes its partitions back at once, without
@@ -94,7 +123,8 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
     parts, n = 3, 600
     env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "64",
            "NLPSTREAM_KAFKA__GROUP_INSTANCE_ID": f"{unique}-worker"}
-    topic, ids = queued(kafka_bootstrap, make_topic, unique, parts, n)
+    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    env.update(txn_env(topic))
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
     kills, seen_before_kill, stall_restarts = 0, [], 0
@@ -108,7 +138,7 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
         proc.kill()
         proc.wait(timeout=30)
         stall_restarts += restarts_of(proc)
-        if done >= n:
+        if done >= len(good_ids(n, unique)):
             break  # it had finished before the kill: not a mid-stream kill
         kills += 1
         seen_before_kill.append(done)
@@ -120,12 +150,9 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
     final = stream_proc(kafka_bootstrap, topic, url, group, "--precision", "fp32", "--idle-timeout", "5", log=log,
                         env=env)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
-    result = exactness_s3(s3_server, url, parts, ids)
+    result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique, f"kill -9 x{kills}")
     report("kill -9 with s3:// output", kills, n, result,
            f"(rows before each kill: {seen_before_kill}; supervisor restarts after a stall: {stall_restarts})")
-    assert result == {"rows": n, **EXACT, "partitions_seen": parts}, result
-    assert hidden_objects(s3_server, s3_bucket) == [], "temporary objects left visible to readers"
-    assert committed(kafka_bootstrap, group, topic, parts) == ends_per_partition(s3_server, url, parts)
 
 
 @pytest.mark.kafka
@@ -133,9 +160,9 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
 def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bootstrap, make_topic, unique, tmp_path,
                                                                       s3_server, s3_bucket):
     parts, n = 3, 900
-    topic, ids = queued(kafka_bootstrap, make_topic, unique, parts, n)
+    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
-    env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128"}  # small objects: revoked mid-stream
+    env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(topic)}  # small objects
     job = stream_proc(kafka_bootstrap, topic, url, group, "--max-messages", str(n), log=log, env=env)
     wait_for(lambda: rows_on(s3_server, url) > 150, 180, "first rows", job)
     s3_server.revoke_writer()
@@ -146,17 +173,67 @@ def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bo
         assert committed(kafka_bootstrap, group, topic, parts) == at_start, "committed while nothing was written"
         assert rows_on(s3_server, url) == rows_at_start
         assert job.poll() is None, "the job must retry, not exit"
-        assert rows_at_start < n, "the job had finished before the permission was revoked"
+        assert rows_at_start < len(good_ids(n, unique)), "the job had finished before the permission was revoked"
     finally:
         s3_server.restore_writer()
     assert job.wait(timeout=300) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert text.count("flush failed, retrying with backoff") == 1, "one WARNING per outage, not one per retry"
     assert "flush succeeded again after" in text and s3_server.secret not in text
-    result = exactness_s3(s3_server, url, parts, ids)
+    result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
+                         "write permission revoked")
     report("s3 write permission revoked for 7.5 s", 1, n, result, f"(rows when revoked: {rows_at_start})")
-    assert result == {"rows": n, **EXACT, "partitions_seen": parts}, result
-    assert hidden_objects(s3_server, s3_bucket) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.model
+def test_group_member_killed_and_another_added_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, s3_server,
+                                                     s3_bucket):
+    parts, n = 4, 1600
+    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
+    env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(topic)}
+    a = stream_proc(kafka_bootstrap, topic, url, group, log=log, env=env)
+    b = stream_proc(kafka_bootstrap, topic, url, group, "--idle-timeout", "10", log=log, env=env)
+    wait_for(lambda: rows_on(s3_server, url) > 200, 180, "both members writing", b)
+    a.kill()
+    a.wait(timeout=30)
+    killed_at = rows_on(s3_server, url)
+    wait_for(lambda: rows_on(s3_server, url) > killed_at + 100, 180, "progress after the kill", b)
+    c = stream_proc(kafka_bootstrap, topic, url, group, "--idle-timeout", "10", log=log, env=env)
+    assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
+    result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
+                         "member killed, another added")
+    report("s3: group member killed, another added", 1, n, result, f"(rows when killed: {killed_at})")
+    assert killed_at < len(good_ids(n, unique)), "the group had finished before the kill"
+
+
+@pytest.mark.kafka
+@pytest.mark.model
+def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_bucket):
+    from nlpstream.consumers import kafka_local
+
+    data, parts, n = tmp_path / "broker", 3, 1600
+    info = own_broker_with_topic(data, unique, parts, dirty_corpus(n, unique)[0])
+    try:
+        url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
+        env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(unique)}
+        # a transaction that fails with the broker is handled again: stop when idle, not after n records
+        job = stream_proc(info.bootstrap_servers, unique, url, group, "--idle-timeout", "10", log=log, env=env)
+        wait_for(lambda: rows_on(s3_server, url) > 200, 180, "first rows", job)
+        kafka_local.stop(data)
+        stopped_at = rows_on(s3_server, url)
+        time.sleep(20)
+        assert job.poll() is None, "the job must wait for the broker, not exit"
+        kafka_local.start(data, timeout_s=120)
+        assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert stopped_at < len(good_ids(n, unique)), "the job had finished before the broker stopped"
+        result = check_dirty(s3_server, url, s3_bucket, info.bootstrap_servers, group, unique, parts, n, unique,
+                             "broker stopped 20 s")
+        report("s3: broker stopped 20 s", 1, n, result, f"(rows when stopped: {stopped_at})")
+    finally:
+        kafka_local.stop(data)
 
 
 @pytest.mark.kafka

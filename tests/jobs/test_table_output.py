@@ -1,5 +1,8 @@
-"""Delta Lake and Iceberg output: exactly-once through kill -9 and a group member killed and added, the
-Kafka progress read back from the table itself (real broker, tables read with Polars and pyiceberg)."""
+"""Delta Lake and Iceberg output: exactly-once through kill -9, a group member killed and added, a table refusing
+commits and a broker restart, the Kafka progress read back from the table itself (real broker, tables read with
+Polars and pyiceberg). The fault runs are transactional (kafka.transactions) over topics where every 8th record
+cannot be decoded, and every negative message alerts to a Kafka topic: a read_committed reader sees each dead
+letter and alert once."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import json_messages, produce
-from tests.jobs.faults import committed, own_broker_with_topic, reap, stream_proc, wait_for
+from tests.conftest import produce
+from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, end_offsets, good_ids, own_broker_with_topic,
+                               reap, stream_proc, txn_env, wait_for)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 FORMATS = ("delta", "iceberg")
@@ -80,24 +84,39 @@ class Table:
                 for p in range(partitions)]
 
 
-def check_exactly_once(table: Table, topic: str, parts: int, n: int) -> None:
+def check_exactly_once(table: Table, topic: str, parts: int, n: int, bootstrap: str | None = None,
+                       group: str | None = None, what: str = "") -> None:
+    """Each decodable message of ``dirty_corpus(n, ...)`` once in the table, its progress at the rows' ends; with
+    ``bootstrap``: the group committed the whole topic, and each dead letter and alert is read once."""
     data = table.read()
     pairs = list(zip(data.column("partition").to_pylist(), data.column("offset").to_pylist()))
-    assert len(pairs) == n and len(set(pairs)) == n, f"{len(pairs)} rows, {len(set(pairs))} distinct of {n}"
+    ids = data.column("id").to_pylist()
+    prefix = ids[0].rsplit("-", 1)[0]
+    assert len(pairs) == len(set(pairs)) and sorted(ids) == sorted(good_ids(n, prefix)), \
+        f"{len(pairs)} rows, {len(set(pairs))} distinct, {len(good_ids(n, prefix))} expected"
     assert set(data.column("topic").to_pylist()) == {topic} and None not in data.column("label").to_pylist()
     ends = [max(o for p, o in pairs if p == q) for q in range(parts)]
     assert table.progress(topic, parts) == ends
+    if bootstrap is not None:
+        assert committed(bootstrap, group, topic, parts) == end_offsets(bootstrap, topic, parts)
+        negative = {i for i, label in zip(ids, data.column("label").to_pylist()) if label == "negative"}
+        check_txn_topics(bootstrap, topic, n - len(ids), f"{table.fmt}: {what}", alert_ids=negative)
 
 
 def spawn(bootstrap, topic, table, group, log, *extra):
-    return stream_proc(bootstrap, topic, table.out, group, *table.args(), *extra, log=log)
+    return stream_proc(bootstrap, topic, table.out, group, *table.args(), *extra, log=log, env=txn_env(topic))
+
+
+def queue_dirty(bootstrap, make_topic, unique, parts, n) -> str:
+    topic = make_topic(unique, partitions=parts)
+    produce(bootstrap, topic, dirty_corpus(n, unique)[0])
+    return topic
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 3000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
     table, log = Table(fmt, tmp_path), tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
     kills, before = 0, []
@@ -110,7 +129,7 @@ def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, uni
         assert proc.poll() is None, log.read_text()[-2000:]
         proc.kill()
         proc.wait(timeout=30)
-        if done >= n:
+        if done >= len(good_ids(n, unique)):
             break
         kills += 1
         before.append(done)
@@ -120,15 +139,13 @@ def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, uni
     final = spawn(kafka_bootstrap, topic, table, f"{unique}-g", log, "--idle-timeout", "6")
     assert final.wait(timeout=600) == 0, log.read_text()[-3000:]
     print(f"\nFAULT-TABLE | kill -9 ({fmt}) | {kills} | {n} | rows before each kill {before}")
-    check_exactly_once(table, topic, parts, n)
-    assert committed(kafka_bootstrap, f"{unique}-g", topic, parts) == [e + 1 for e in table.progress(topic, parts)]
+    check_exactly_once(table, topic, parts, n, kafka_bootstrap, f"{unique}-g", f"kill -9 x{kills}")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_group_member_killed_and_another_added(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 4, 3000
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
     table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
     a = spawn(kafka_bootstrap, topic, table, group, log)
     b = spawn(kafka_bootstrap, topic, table, group, log, "--idle-timeout", "10")
@@ -139,7 +156,7 @@ def test_group_member_killed_and_another_added(fmt, kafka_bootstrap, make_topic,
     c = spawn(kafka_bootstrap, topic, table, group, log, "--idle-timeout", "10")
     assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
-    check_exactly_once(table, topic, parts, n)
+    check_exactly_once(table, topic, parts, n, kafka_bootstrap, group, "member killed, another added")
 
 
 def test_zombie_racing_the_new_owner_commits_nothing_twice(tmp_path):
@@ -197,8 +214,7 @@ def test_table_refusing_commits_then_back(fmt, kafka_bootstrap, make_topic, uniq
     """The Delta log folder or the Iceberg catalog read-only mid-stream: retries, nothing committed to Kafka
     meanwhile, one WARNING; then every record exactly once."""
     parts, n = 3, 2500
-    topic = make_topic(unique, partitions=parts)
-    produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
+    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
     table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
     job = spawn(kafka_bootstrap, topic, table, group, log, "--max-messages", str(n))
     wait_for(lambda: table.rows() > 300, 180, "first commits", job)
@@ -216,7 +232,7 @@ def test_table_refusing_commits_then_back(fmt, kafka_bootstrap, make_topic, uniq
     text = log.read_text()
     assert text.count("flush failed, retrying with backoff") == 1 and "flush succeeded again after" in text
     print(f"\nFAULT-TABLE | {fmt} table refusing commits 7.5 s | 1 | {n} | rows when it began {rows_at_start}")
-    check_exactly_once(table, topic, parts, n)
+    check_exactly_once(table, topic, parts, n, kafka_bootstrap, group, "table refusing commits")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -224,10 +240,11 @@ def test_broker_stopped_20s_mid_stream(fmt, unique, tmp_path):
     from nlpstream.consumers import kafka_local
 
     data, n = tmp_path / "broker", 2500
-    info = own_broker_with_topic(data, unique, 3, json_messages(n, prefix=unique))
+    info = own_broker_with_topic(data, unique, 3, dirty_corpus(n, unique)[0])
     try:
         table, log = Table(fmt, tmp_path), tmp_path / "job.log"
-        job = spawn(info.bootstrap_servers, unique, table, f"{unique}-g", log, "--max-messages", str(n))
+        # a transaction that fails with the broker is handled again: stop when idle, not after n records
+        job = spawn(info.bootstrap_servers, unique, table, f"{unique}-g", log, "--idle-timeout", "10")
         wait_for(lambda: table.rows() > 300, 180, "first commits", job)
         kafka_local.stop(data)
         stopped_at = table.rows()
@@ -237,6 +254,6 @@ def test_broker_stopped_20s_mid_stream(fmt, unique, tmp_path):
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
         print(f"\nFAULT-TABLE | broker stopped 20 s ({fmt}) | 1 | {n} | rows when stopped {stopped_at}")
         assert stopped_at < n
-        check_exactly_once(table, unique, 3, n)
+        check_exactly_once(table, unique, 3, n, info.bootstrap_servers, f"{unique}-g", "broker stopped 20 s")
     finally:
         kafka_local.stop(data)

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ import pytest
 from nlpstream.consumers.records import InputRecord
 from nlpstream.jobs.transactions import (PartitionTransactions, TransactionError, is_fenced, resume_point,
                                          transactional_id)
-from tests.conftest import json_messages, produce
-from tests.jobs.faults import exactness, files, reap, rows_in, stream_proc, wait_for
+from tests.conftest import produce
+from tests.jobs.faults import (check_txn_topics, dirty_corpus, exactness, files, read_all, reap, rows_in,
+                               stream_proc, txn_env, wait_for)
 
 
 # -- unit tests: no broker ----------------------------------------------------------------
@@ -180,80 +180,15 @@ def test_fence_classification():
 
 
 # -- real broker ---------------------------------------------------------------------------------
-TXN_ENV = {"NLPSTREAM_KAFKA__TRANSACTIONS": "true", "NLPSTREAM_ALERTS__MESSAGE_LABEL": "negative",
-           "NLPSTREAM_ALERTS__MESSAGE_MIN_SCORE": "0.0"}
-
-
 @pytest.fixture()
 def _reap_jobs():
     yield
     reap()
 
 
-def _corpus(n: int, prefix: str) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
-    """JSON messages with every 8th replaced by a record that cannot be decoded."""
-    bad = [b"\xff\xfe", b"", None, b"{nope", b"[1]", b'{"x": 1}', b'{"text": 3}', b'{"text": " "}']
-    messages = json_messages(n, prefix=prefix)
-    dead = 0
-    for i in range(0, n, 8):
-        messages[i] = (messages[i][0], bad[(i // 8) % len(bad)])
-        dead += 1
-    return messages, dead
-
-
-def _read_all(bootstrap: str, topic: str, isolation: str, timeout_s: float = 20.0) -> list[Any]:
-    """Every record of ``topic`` up to its end offsets now (read_committed stops at the last stable offset)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             isolation_level=isolation)
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(consumer.position(tp) < ends[tp] for tp in tps):
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
-
-
-def _dead_keys(records: list[Any]) -> Counter[tuple[bytes, bytes, bytes]]:
-    def key(r: Any) -> tuple[bytes, bytes, bytes]:
-        h = dict(r.headers)
-        return h["nlpstream.source.topic"], h["nlpstream.source.partition"], h["nlpstream.source.offset"]
-
-    return Counter(key(r) for r in records)
-
-
-def _check_topics(bootstrap: str, topic: str, dead_expected: int, what: str) -> dict[str, int]:
-    """read_committed sees each dead letter and alert once; read_uncommitted sees them all (maybe repeated)."""
-    dlq = _dead_keys(_read_all(bootstrap, f"{topic}.dlq", "read_committed"))
-    dlq_all = _dead_keys(_read_all(bootstrap, f"{topic}.dlq", "read_uncommitted"))
-    alerts = Counter(r.key for r in _read_all(bootstrap, f"{topic}.alerts", "read_committed"))
-    alerts_all = Counter(r.key for r in _read_all(bootstrap, f"{topic}.alerts", "read_uncommitted"))
-    result = {"dead": len(dlq), "dead_dup_committed": sum(dlq.values()) - len(dlq),
-              "dead_dup_uncommitted": sum(dlq_all.values()) - len(dlq_all),
-              "alerts": len(alerts), "alerts_dup_committed": sum(alerts.values()) - len(alerts),
-              "alerts_dup_uncommitted": sum(alerts_all.values()) - len(alerts_all)}
-    print(f"\nTXN-TABLE | {what} | {result}")
-    assert len(dlq) == dead_expected and result["dead_dup_committed"] == 0
-    assert set(dlq_all) == set(dlq), "a default reader still reads every dead letter"
-    assert alerts and result["alerts_dup_committed"] == 0
-    assert set(alerts_all) == set(alerts), "an alert seen only in an aborted transaction was lost"
-    return result
-
-
 def _proc(bootstrap: str, topic: str, out: Path, group: str, log: Path, *extra: str) -> Any:
     return stream_proc(bootstrap, topic, out, group, "--dlq-topic", f"{topic}.dlq", *extra, log=log,
-                       env={**TXN_ENV, "NLPSTREAM_ALERTS__ALERT_TOPIC": f"{topic}.alerts"})
+                       env=txn_env(topic))
 
 
 @pytest.mark.kafka
@@ -262,7 +197,7 @@ def _proc(bootstrap: str, topic: str, out: Path, group: str, log: Path, *extra: 
 def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 4000
     topic = make_topic(unique, partitions=parts)
-    messages, dead = _corpus(n, unique)
+    messages, dead = dirty_corpus(n, unique)
     produce(kafka_bootstrap, topic, messages)
     out, log = tmp_path / "out", tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
@@ -289,7 +224,7 @@ def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     rows = exactness(out, parts, n - dead)
     assert rows["duplicated"] == 0 and rows["rows"] == n - dead, rows
-    _check_topics(kafka_bootstrap, topic, dead, f"kill -9 x{kills}")
+    check_txn_topics(kafka_bootstrap, topic, dead, f"kill -9 x{kills}")
     assert "Traceback" not in log.read_text()
 
 
@@ -299,7 +234,7 @@ def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic
 def test_zombie_worker_is_fenced(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 2, 2000
     topic = make_topic(unique, partitions=parts)
-    messages, dead = _corpus(n, unique)
+    messages, dead = dirty_corpus(n, unique)
     produce(kafka_bootstrap, topic, messages)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
@@ -314,7 +249,7 @@ def test_zombie_worker_is_fenced(kafka_bootstrap, make_topic, unique, tmp_path):
         os.kill(a.pid, signal.SIGCONT)  # wakes up while b owns its partitions
     assert a.wait(timeout=300) == 0, log.read_text()[-3000:]
     assert b.wait(timeout=300) == 0, log.read_text()[-3000:]
-    _check_topics(kafka_bootstrap, topic, dead, "zombie (SIGSTOP 10 s)")
+    check_txn_topics(kafka_bootstrap, topic, dead, "zombie (SIGSTOP 10 s)")
     text = log.read_text()
     assert "Traceback" not in text
 
@@ -347,8 +282,8 @@ def test_new_owner_fences_the_old_one_on_the_broker(kafka_bootstrap, make_topic,
     finally:
         old.close()
         new.close()
-    assert [r.value for r in _read_all(kafka_bootstrap, f"{topic}.dlq", "read_committed")] == [b"new"]
-    assert sorted(r.value for r in _read_all(kafka_bootstrap, f"{topic}.dlq", "read_uncommitted")) == [b"new", b"old"]
+    assert [r.value for r in read_all(kafka_bootstrap, f"{topic}.dlq", "read_committed")] == [b"new"]
+    assert sorted(r.value for r in read_all(kafka_bootstrap, f"{topic}.dlq", "read_uncommitted")) == [b"new", b"old"]
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{unique}-g", enable_auto_commit=False)
     try:
         assert consumer.committed(TopicPartition(topic, 0)) == 4

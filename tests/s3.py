@@ -60,15 +60,19 @@ class S3Server:
                             aws_secret_access_key=self.admin_secret if admin else self.secret)
 
     def filesystem(self) -> Any:
-        """An s3fs file system as the admin (a reader the tests never revoke), its listing cache dropped.
+        """An s3fs file system as the admin (a reader the tests never revoke), without a listing cache.
 
-        One client, made once: tests poll with it.
+        One client, made once: tests poll with it. With s3fs's listing cache on, a reader polling a prefix
+        that is being written could list a new object and then fail to open it: the dataset's discovery
+        lists afresh, but opening checks ``isfile`` against the folder's cached, older listing (reproduced
+        with a plain PUT loop beside a pyarrow reader: 11 of 11 reads failed with the cache, 0 without).
         """
         import s3fs
 
         if self._fs is None:
             self._fs = s3fs.S3FileSystem(key=self.admin_key_id, secret=self.admin_secret, endpoint_url=self.endpoint,
-                                         client_kwargs={"region_name": REGION}, skip_instance_cache=True)
+                                         client_kwargs={"region_name": REGION}, skip_instance_cache=True,
+                                         use_listings_cache=False)
         self._fs.invalidate_cache()
         return self._fs
 
@@ -141,7 +145,7 @@ def read_back(server: S3Server, url: str) -> Any:
 
     fs = server.filesystem()
     root = url.removeprefix("s3://")
-    tries = 20  # while the job writes, an object listed can be unreadable for a moment (seen under load on moto)
+    tries = 20  # a safety net from before the cause was found (the listing cache, see filesystem())
     for attempt in range(tries):
         fs.invalidate_cache()
         if not fs.find(root):

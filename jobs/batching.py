@@ -1,0 +1,221 @@
+"""Batching and classification of the stream job: accept, decode, classify (pipelined) and handle in order.
+
+A poll's records are accepted against the offset ledger (what the files or
+this session already hold is skipped), decoded, and classified on a worker
+thread with ``pipeline_depth`` > 0; batches are handled strictly in order,
+so offsets become handled in order too. Handling a batch writes its rows,
+alerts and dead letters through the checkpoint (jobs/checkpoint.py), which
+makes them durable before anything is committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from nlpstream.consumers import DecodeSettings, InputRecord
+from nlpstream.inference import DeviceError, Prediction
+from nlpstream.jobs import metrics
+from nlpstream.jobs.alerts import AlertRules, LabeledMessage
+from nlpstream.jobs.checkpoint import Checkpoint
+from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
+from nlpstream.jobs.shared import TP, Batch, SharedState
+from nlpstream.sinks import OutputRow
+
+
+class Batches:
+    """The micro-batches between a poll and the checkpoint: the in-flight ones are ``state.in_flight``.
+
+    ``rows_floor(tp)``: where the files of ``tp`` end when its records are
+    handled again (transactions); records below get no row, their alerts are
+    sent again.
+    """
+
+    def __init__(self, state: SharedState, engine: Any, decode: DecodeSettings, rules: AlertRules,
+                 checkpoint: Checkpoint, rows_floor: Callable[[TP], int | None]) -> None:
+        self._state = state
+        self.config = state.config
+        self._engine = engine
+        self._decode = decode
+        self._rules = rules
+        self._checkpoint = checkpoint
+        self._rows_floor = rows_floor
+        self._classifier: ThreadPoolExecutor | None = None
+        if self.config.pipeline_depth > 0:
+            self._classifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-classify")
+
+    def close(self) -> None:
+        if self._classifier is not None:
+            self._classifier.shutdown(wait=False, cancel_futures=True)
+
+    # -- per batch ----------------------------------------------------------------
+    def accept(self, records: list[InputRecord]) -> tuple[list[InputRecord], list[TP]]:
+        """The records not yet handled nor in the files, and the partitions seen; per partition run, not per record.
+
+        Records of one partition come in ascending offsets, so what the ledger
+        skips is a prefix of each run; metrics and the summary move once per topic.
+        """
+        state = self._state
+        if state.pending:  # not fenced yet or rewinding: fetched again once prepared
+            records = [r for r in records if (r.topic, r.partition) not in state.pending]
+        accepted: list[InputRecord] = []
+        consumed: Counter[str] = Counter()
+        skipped: Counter[str] = Counter()
+        seen: list[TP] = []
+        start = 0
+        while start < len(records):
+            first = records[start]
+            tp = (first.topic, first.partition)
+            end = start + 1
+            while end < len(records) and records[end].partition == first.partition and records[end].topic == first.topic:
+                end += 1
+            run = records[start:end]
+            skip = state.ledger.accept_run(tp, [r.offset for r in run])
+            accepted.extend(run[skip:] if skip else run)
+            consumed[tp[0]] += len(run) - skip
+            skipped[tp[0]] += skip
+            seen.append(tp)
+            start = end
+        for topic, n in consumed.items():
+            if n:
+                metrics.CONSUMED.labels(topic).inc(n)
+        for topic, n in skipped.items():
+            if n:
+                metrics.SKIPPED.labels(topic).inc(n)
+        state.summary.consumed += sum(consumed.values())
+        state.summary.skipped += sum(skipped.values())
+        return accepted, seen
+
+    def enqueue(self, records: list[InputRecord]) -> None:
+        """Decode a micro-batch and start its classification; handle the oldest batches beyond the pipeline depth.
+
+        With ``pipeline_depth`` N, up to N batches are classified on the
+        worker thread while this thread polls, decodes and writes; batches are
+        handled strictly in order, so offsets become handled in order too.
+        Caller holds the lock.
+        """
+        good, undecodable = decode_batch(records, self._decode)
+        texts = [d.text for d in good]
+        if good and self._classifier is not None:
+            results = self._classifier.submit(self._classify_batch, texts)
+        else:
+            results = Future()
+            results.set_result(self._classify_batch(texts) if good else [])
+        in_flight = self._state.in_flight
+        in_flight.append(Batch(records, good, undecodable, results))
+        while len(in_flight) > self.config.pipeline_depth:
+            self._finish(in_flight.popleft())
+
+    def finish_ready(self) -> None:
+        """Handle, in order, the batches whose classification is done (never waits)."""
+        in_flight = self._state.in_flight
+        while in_flight and in_flight[0].results.done():
+            self._finish(in_flight.popleft())
+
+    def drain(self) -> None:
+        """Handle every batch in flight, waiting for their classification (rebalance, rebuild).
+
+        Called inside rebalance callbacks, whose exceptions the client only
+        logs: a failure is kept in the shared ``fatal`` (the loop raises it
+        after poll), and the batches not handled are dropped (never
+        committed, so redelivered).
+        """
+        try:
+            self.finish_all()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the loop
+            self._state.in_flight.clear()
+            self._state.fatal = exc
+
+    def finish_all(self) -> None:
+        """Handle every batch in flight, in order, waiting for their classification."""
+        in_flight = self._state.in_flight
+        while in_flight:
+            self._finish(in_flight.popleft())
+
+    def _finish(self, batch: Batch) -> None:
+        """Buffer rows and alerts and send dead letters of one classified batch; then mark its records handled.
+
+        Classification ran before any dead letter of the batch is sent, so a
+        DeviceError (no device live) leaves nothing of this batch behind.
+        """
+        state = self._state
+        records, good, undecodable = batch.records, batch.good, batch.undecodable
+        results = batch.results.result()
+        pending = state.pending
+        if pending:  # a partition rewound while this batch was in flight: handled again after the rewind
+            keep = [i for i, d in enumerate(good) if (d.record.topic, d.record.partition) not in pending]
+            good, results = [good[i] for i in keep], [results[i] for i in keep]
+            undecodable = [(r, e) for r, e in undecodable if (r.topic, r.partition) not in pending]
+            records = [r for r in records if (r.topic, r.partition) not in pending]
+        for record, exc in undecodable:
+            self._checkpoint.dead_letter(record, *decode_failure(exc))
+        if good:
+            assert self._engine is not None
+            processed_at = int(time.time() * 1000)
+            rows: list[OutputRow] = []
+            labeled: list[LabeledMessage] = []
+            key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
+            for decoded, result in zip(good, results):
+                rec = decoded.record
+                if isinstance(result, BaseException):
+                    self._checkpoint.dead_letter(rec, *inference_failure(result))
+                    continue
+                row = output_row(decoded, result, processed_at, self._engine.model_name)
+                event_ms = row.event_time_ms
+                floor = self._rows_floor((rec.topic, rec.partition))
+                if floor is None or rec.offset >= floor:  # below: the files hold its row; alerts are sent again
+                    rows.append(row)
+                key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
+                heads = {name: (label, score) for name, label, score in row.heads}
+                labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
+                                              result.score, event_ms, None if key is None else str(key), heads))
+            self._checkpoint.write_rows(rows)
+            self._checkpoint.write_alerts(self._rules.evaluate(labeled))
+        last: dict[TP, int] = {}
+        for record in records:  # ascending per partition: the last one is the highest
+            last[(record.topic, record.partition)] = record.offset
+        for tp, offset in last.items():
+            state.ledger.handled(tp, offset)
+
+    def _classify_batch(self, texts: list[str]) -> list[Prediction | BaseException]:
+        metrics.BATCH_TEXTS.observe(len(texts))
+        start = time.perf_counter()
+        results = self._classify_isolating(texts)
+        metrics.INFERENCE_SECONDS.observe(time.perf_counter() - start)
+        return results
+
+    def _classify_isolating(self, texts: list[str]) -> list[Prediction | BaseException]:
+        """Classify; only texts that fail alone get an exception in their place (they are dead-lettered).
+
+        With the project's engine (``classify_each``) the engine itself tells a
+        transient fault (retried), a bad text (failed alone on healthy devices:
+        a TextError in its place) and a gone device apart; anything it raises
+        (DeviceError, or a bug) is no property of the texts and propagates: the
+        job stops without committing the batch in hand. A stand-in engine that
+        only offers ``classify`` is bisected here, DeviceError still propagating.
+        """
+        assert self._engine is not None
+        counted = getattr(self._engine, "classify_counted", None)
+        if counted is not None:  # token counts come back with the results (no shared attribute to race on)
+            results, tokens = counted(texts)
+            metrics.BATCH_TOKENS.observe(tokens)
+            return list(results)
+        each = getattr(self._engine, "classify_each", None)
+        if each is not None:
+            return list(each(texts))
+        return self._bisect(texts)
+
+    def _bisect(self, texts: list[str]) -> list[Prediction | BaseException]:
+        assert self._engine is not None
+        try:
+            return list(self._engine.classify(texts))
+        except DeviceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the texts that make the model raise
+            if len(texts) == 1:
+                return [exc]
+            half = len(texts) // 2
+            return self._bisect(texts[:half]) + self._bisect(texts[half:])

@@ -1,0 +1,433 @@
+"""The stream job's parts on in-memory fakes: no broker, no model."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from nlpstream.consumers import DecodeSettings, InputRecord
+from nlpstream.consumers.dlq import DeadLetterError
+from nlpstream.inference import Prediction
+from nlpstream.jobs import metrics
+from nlpstream.jobs.alerts import AlertRules
+from nlpstream.jobs.batching import Batches
+from nlpstream.jobs.checkpoint import Checkpoint
+from nlpstream.jobs.config import StreamConfig, load_config
+from nlpstream.jobs.liveness import Liveness
+from nlpstream.jobs.rebalance import Rebalance
+from nlpstream.jobs.shared import Batch, SharedState
+from nlpstream.jobs.transactions import TransactionError
+from nlpstream.sinks import SinkWriteError
+
+T0, T1 = ("t", 0), ("t", 1)
+
+
+def _config(**overrides) -> StreamConfig:
+    return load_config(StreamConfig, None, {"kafka.topics": ["t"], **overrides})
+
+
+class FakeInput:
+    """What the parts use of KafkaInput, in memory: positions, end offsets, commits, pauses."""
+
+    def __init__(self, assigned=(T0,)) -> None:
+        self.assigned = list(assigned)
+        self.positions: dict = {}
+        self.highs: dict = {}
+        self.ends: dict = {}
+        self.group: dict = {}
+        self.commits: list[dict] = []
+        self.paused: set = set()
+        self.seeks: list = []
+        self.end_offsets_error: Exception | None = None
+
+    def assignment(self):
+        return list(self.assigned)
+
+    def position(self, topic, partition):
+        return self.positions.get((topic, partition))
+
+    def highwater(self, topic, partition):
+        return self.highs.get((topic, partition))
+
+    def end_offsets(self, tps, timeout_s=None):
+        if self.end_offsets_error is not None:
+            raise self.end_offsets_error
+        return {tp: self.ends[tp] for tp in tps if tp in self.ends}
+
+    def beginning_offsets(self, tps):
+        return {tp: 0 for tp in tps}
+
+    def committed_offsets(self, tps):
+        return {tp: self.group.get(tp) for tp in tps}
+
+    def fetch_state(self):
+        return "fake"
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+        return True
+
+    def seek(self, topic, partition, offset):
+        self.seeks.append(((topic, partition), offset))
+        self.positions[(topic, partition)] = offset
+
+    def pause(self, tps):
+        self.paused.update(tps)
+
+    def resume(self, tps):
+        self.paused.difference_update(tps)
+
+
+class Calls(list):
+    """One ordered log of what the fakes were asked to do."""
+
+
+class FakeSink:
+    def __init__(self, calls: Calls, fail_flush: bool = False, last: int | None = None) -> None:
+        self.calls, self.fail_flush, self.last = calls, fail_flush, last
+        self.rows: list = []
+
+    @property
+    def buffered(self) -> int:
+        return len(self.rows)
+
+    def write(self, rows):
+        self.rows.extend(rows)
+
+    def flush(self):
+        self.calls.append("files")
+        if self.fail_flush:
+            raise SinkWriteError("disk full")
+        self.rows.clear()
+        return []
+
+    def discard(self, topic, partition):
+        before = len(self.rows)
+        self.rows = [r for r in self.rows if (r.topic, r.partition) != (topic, partition)]
+        return before - len(self.rows)
+
+    def remove_temp_files(self, topic, partition):
+        return 0
+
+    def last_offset(self, topic, partition):
+        return self.last
+
+
+class FakeDlq:
+    def __init__(self, calls: Calls, fail: bool = False) -> None:
+        self.calls, self.fail, self.sent = calls, fail, []
+
+    def send(self, record, error_class, message):
+        self.sent.append((record.offset, error_class))
+
+    def flush(self):
+        self.calls.append("dlq")
+        if self.fail:
+            raise DeadLetterError("dlq down")
+
+
+class FakeAlertSink:
+    def __init__(self, calls: Calls) -> None:
+        self.calls, self.written = calls, []
+
+    def write(self, alerts):
+        self.written.extend(alerts)
+
+    def flush(self):
+        self.calls.append("alerts")
+
+
+def _parts(fail_files=False, fail_dlq=False, assigned=(T0,), last=None):
+    calls = Calls()
+    state = SharedState(_config())
+    state.input = FakeInput(assigned)
+    state.sink = FakeSink(calls, fail_flush=fail_files, last=last)
+    failed: list[TransactionError] = []
+    checkpoint = Checkpoint(state, FakeDlq(calls, fail=fail_dlq), [FakeAlertSink(calls)], failed.append)
+    return state, checkpoint, calls, failed
+
+
+def _record(offset: int, partition: int = 0, text: str = "fine") -> InputRecord:
+    return InputRecord("t", partition, offset, None, ('{"id": "r%d", "text": "%s"}' % (offset, text)).encode(), 1000)
+
+
+# -- liveness ----------------------------------------------------------------------------------
+def test_idle_time_counts_only_when_every_partition_is_caught_up_and_nothing_is_in_flight():
+    state = SharedState(_config())
+    state.input = FakeInput(assigned=())
+    live = Liveness(state)
+    assert live.idle_for(100.0, last_input=10.0) == 0.0  # nothing assigned: not idle
+    state.input.assigned = [T0]
+    state.input.positions[T0] = 5
+    state.input.highs[T0] = 8
+    assert live.idle_for(100.0, last_input=10.0) == 0.0  # the partition holds more
+    state.input.highs[T0] = None
+    assert live.idle_for(100.0, last_input=10.0) == 90.0  # an unknown end offset does not hold the timer back
+    state.in_flight.append(object())
+    assert live.idle_for(100.0, last_input=10.0) == 0.0  # a batch is still being classified
+    state.in_flight.clear()
+    state.input.positions[T0] = None
+    assert live.idle_for(100.0, last_input=10.0) == 0.0  # no position yet
+
+
+def test_idle_time_starts_again_at_the_latest_assignment(monkeypatch):
+    from nlpstream.jobs import liveness as module
+
+    state = SharedState(_config())
+    state.input = FakeInput(assigned=[T0, T1])
+    state.input.positions.update({T0: 3, T1: 3})
+    live = Liveness(state)
+    monkeypatch.setattr(module.time, "monotonic", lambda: 50.0)
+    live.assigned(T1)
+    assert live.idle_for(60.0, last_input=10.0) == 10.0
+
+
+def test_fetch_stall_only_counts_time_in_poll_and_only_partitions_that_hold_more():
+    state = SharedState(_config(**{"kafka.fetch_stall_timeout": 8.0}))
+    state.input = FakeInput(assigned=[T0, T1])
+    state.input.positions.update({T0: 10, T1: 4})
+    state.input.ends.update({T0: 20, T1: 4})  # T0 holds more, T1 is caught up
+    live = Liveness(state)
+    stalls = metrics.FETCH_STALLS._value.get()
+    assert not live.fetch_stalled(0.0)  # the period starts now (poll clock 0)
+    live.polled(7.0)
+    assert not live.fetch_stalled(100.0)  # 7 s of polling: not yet, however long the loop took outside poll
+    assert not live.fetch_stalled(101.0)  # checked at most every min(5, timeout/4) s
+    live.polled(1.0)
+    assert live.fetch_stalled(103.0)
+    assert metrics.FETCH_STALLS._value.get() == stalls + 1
+    live.mark_progress([T0])  # T0 gave records: a full period again
+    live.polled(7.9)
+    assert not live.fetch_stalled(200.0)
+
+
+def test_fetch_stall_is_not_judged_while_paused_pending_or_the_broker_is_unreachable():
+    state = SharedState(_config(**{"kafka.fetch_stall_timeout": 4.0}))
+    state.input = FakeInput(assigned=[T0])
+    state.input.positions[T0] = 0
+    state.input.ends[T0] = 9
+    live = Liveness(state)
+    live.mark_progress([T0])
+    live.polled(10.0)
+    state.paused = True
+    assert not live.fetch_stalled(10.0)
+    state.paused, state.pending[T0] = False, 1.0
+    assert not live.fetch_stalled(20.0)  # waiting for its transactional prepare: paused on purpose
+    del state.pending[T0]
+    state.input.end_offsets_error = OSError("broker down")
+    assert not live.fetch_stalled(30.0)  # an unreachable broker is no client stall: the period starts again
+    state.input.end_offsets_error = None
+    assert not live.fetch_stalled(40.0)
+    live.polled(4.0)
+    assert live.fetch_stalled(50.0)
+
+
+# -- checkpoint --------------------------------------------------------------------------------
+def test_flush_makes_dead_letters_then_files_then_alerts_durable_before_anything_is_committed():
+    state, checkpoint, calls, _ = _parts()
+    state.ledger.accept_run(T0, [0, 1, 2])
+    state.ledger.handled(T0, 2)
+    checkpoint.commit()
+    assert state.input.commits == []  # handled is not durable: nothing to commit
+    assert checkpoint.flush()
+    assert calls == ["dlq", "files", "alerts"]
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 3}]
+    assert state.committed == {T0: 3} and state.ledger.to_commit([T0]) == {}
+
+
+@pytest.mark.parametrize("fail", ["dlq", "files"])
+def test_a_failed_flush_commits_nothing_and_keeps_the_counts(fail):
+    state, checkpoint, calls, _ = _parts(fail_files=fail == "files", fail_dlq=fail == "dlq")
+    checkpoint.write_rows([])
+    checkpoint.dead_letter(_record(0), "DecodeError:json", "bad", "json")
+    state.ledger.accept_run(T0, [0])
+    state.ledger.handled(T0, 0)
+    retries = metrics.SINK_RETRIES._value.get()
+    assert not checkpoint.flush()
+    assert metrics.SINK_RETRIES._value.get() == retries + 1
+    assert "alerts" not in calls  # stopped at the first failure, in order
+    checkpoint.commit()
+    assert state.input.commits == [] and state.summary.dead_lettered == 0
+    assert checkpoint.has_pending()
+
+
+def test_flush_counts_labeled_rows_and_dead_letters_once_durable():
+    state, checkpoint, _, _ = _parts()
+    from nlpstream.sinks import OutputRow
+
+    rows = [OutputRow("t", 0, i, f"r{i}", "x", "positive", 0.9, 1000, 1000, "m") for i in range(3)]
+    checkpoint.write_rows(rows)
+    checkpoint.dead_letter(_record(3), "DecodeError:json", "bad", "json")
+    assert state.summary.labeled == 0
+    assert checkpoint.flush()
+    assert state.summary.labeled == 3 and state.summary.dead_lettered == 1
+    assert state.summary.labels == {"positive": 3}
+
+
+def test_discard_drops_what_is_not_durable_of_one_partition_only():
+    state, checkpoint, _, _ = _parts(assigned=[T0, T1])
+    from nlpstream.sinks import OutputRow
+
+    checkpoint.write_rows([OutputRow("t", p, 0, "r", "x", "positive", 0.9, 1000, 1000, "m") for p in (0, 1)])
+    for tp in (T0, T1):
+        state.ledger.accept_run(tp, [0])
+        state.ledger.handled(tp, 0)
+    checkpoint.discard("t", 0)
+    assert checkpoint.flush()
+    checkpoint.commit()
+    assert state.input.commits == [{T1: 1}] and state.summary.labeled == 1
+
+
+def test_commit_sends_resume_positions_and_skips_partitions_no_longer_owned():
+    state, checkpoint, _, _ = _parts(assigned=[T0])
+    state.resume_commits.update({T0: 40, T1: 7})
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 40}]
+    assert state.resume_commits == {T1: 7} and state.committed == {T0: 40}
+
+
+def test_commit_moves_past_offsets_without_records_once_everything_accepted_is_committed():
+    state, checkpoint, _, _ = _parts()
+    state.committed[T0] = 20
+    state.ledger.accept_run(T0, [19])
+    state.input.positions[T0] = 21  # a transaction marker at offset 20
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 21}]
+    state.registry_paused = True  # records put back during a registry outage: nothing settles
+    state.input.positions[T0] = 25
+    checkpoint.commit()
+    assert len(state.input.commits) == 1
+
+
+class FakeTxn:
+    def __init__(self, fail: set) -> None:
+        self.fail, self.committed = fail, []
+
+    def flush(self):
+        return {}
+
+    def commit(self, offsets):
+        self.committed.append(dict(offsets))
+        return {tp: TransactionError(tp, "lost") for tp in offsets if tp in self.fail}
+
+
+def test_transactional_commit_commits_the_others_and_rewinds_the_failed_partition():
+    state, checkpoint, _, failed = _parts(assigned=[T0, T1])
+    state.txn = FakeTxn(fail={T1})
+    for tp in (T0, T1):
+        state.ledger.accept_run(tp, [0, 1])
+        state.ledger.handled(tp, 1)
+    assert checkpoint.flush()
+    checkpoint.commit()
+    assert state.txn.committed == [{T0: 2, T1: 2}] and state.input.commits == []
+    assert state.committed == {T0: 2}
+    assert [e.tp for e in failed] == [T1]
+
+
+# -- rebalance ---------------------------------------------------------------------------------
+def _rebalance(state, checkpoint, drained=None):
+    drained = [] if drained is None else drained
+    return Rebalance(state, checkpoint, Liveness(state), lambda: drained.append(True))
+
+
+def test_assignment_resumes_after_the_files_and_settles_the_resume_commit():
+    state, checkpoint, _, _ = _parts(assigned=[T0], last=41)
+    drained: list = []
+    rebalance = _rebalance(state, checkpoint, drained)
+    rebalance.on_assigned([T0])
+    assert drained == [True]  # batches in flight are handled first
+    assert state.input.seeks == [(T0, 42)] and state.ledger.position(T0) == 42
+    assert rebalance.settle_due(0.0)
+    state.input.group[T0] = 10  # the group's commit is behind the files
+    state.input.ends[T0] = 50
+    rebalance.settle_assigned(0.0)
+    assert not rebalance.unsettled() and state.resume_commits == {T0: 42}
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 42}]
+
+
+def test_revocation_flushes_and_a_failed_flush_discards_only_the_revoked_partitions():
+    state, checkpoint, _, _ = _parts(fail_files=True, assigned=[T0, T1])
+    rebalance = _rebalance(state, checkpoint)
+    for tp in (T0, T1):
+        state.ledger.accept_run(tp, [0])
+        state.ledger.handled(tp, 0)
+        state.committed[tp] = 0
+    state.input.assigned = [T1]
+    rebalance.on_revoked([T0])
+    assert T0 not in state.committed and state.ledger.position(T0) is None
+    state.sink.fail_flush = False
+    assert checkpoint.flush()
+    checkpoint.commit()
+    assert state.input.commits == [{T1: 1}]  # T0's handled records were dropped, never committed
+
+
+def test_a_lost_transaction_rewinds_its_partition_and_pauses_it():
+    state, checkpoint, _, _ = _parts(assigned=[T0])
+    state.txn = type("Txn", (), {"retire": lambda self, tps: None})()
+    rebalance = _rebalance(state, checkpoint)
+    state.ledger.accept_run(T0, [0, 1])
+    state.ledger.handled(T0, 1)
+    state.committed[T0] = 0
+    rebalance.txn_failed(TransactionError(T0, "lost"))
+    assert T0 in state.pending and T0 in state.input.paused
+    assert not checkpoint.has_pending() and T0 not in state.committed
+    assert not rebalance.take_rebuild_wanted()
+    rebalance.txn_failed(TransactionError(T0, "fenced", fenced=True))
+    assert rebalance.take_rebuild_wanted() and not rebalance.take_rebuild_wanted()
+
+
+# -- batching ----------------------------------------------------------------------------------
+class BisectEngine:
+    """A stand-in engine with ``classify`` only: the batch raises when it holds a bad text."""
+
+    model_name = "fake"
+
+    def classify(self, texts):
+        if any("poison" in t for t in texts):
+            raise ValueError("cannot label this")
+        return [Prediction("positive", 0.9) for _ in texts]
+
+
+def test_a_text_that_fails_alone_is_dead_lettered_and_the_rest_are_written_in_order():
+    state, checkpoint, _, _ = _parts()
+    batches = Batches(state, BisectEngine(), DecodeSettings(), AlertRules(state.config.alerts), checkpoint,
+                      lambda tp: None)
+    records = [_record(0), _record(1, text="poison"), InputRecord("t", 0, 2, None, b"not json", 1000), _record(3)]
+    accepted, seen = batches.accept(records)
+    assert seen == [T0] and len(accepted) == 4
+    batches.enqueue(accepted)
+    batches.finish_all()
+    assert [r.offset for r in state.sink.rows] == [0, 3]
+    assert sorted(o for o, _ in checkpoint._dlq.sent) == [1, 2]
+    assert checkpoint.flush()
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 4}]
+    again, _ = batches.accept(records)  # already handled in this session: skipped
+    assert again == [] and state.summary.skipped == 4
+    batches.close()
+
+
+def test_rows_below_the_files_end_are_not_written_again():
+    state, checkpoint, _, _ = _parts()
+    batches = Batches(state, BisectEngine(), DecodeSettings(), AlertRules(state.config.alerts), checkpoint,
+                      lambda tp: 2 if tp == T0 else None)
+    batches.enqueue([_record(i) for i in range(4)])
+    batches.finish_all()
+    assert [r.offset for r in state.sink.rows] == [2, 3]
+    assert state.ledger.has_pending()
+    batches.close()
+
+
+def test_drain_keeps_a_classification_failure_for_the_loop_and_drops_the_batches():
+    state, checkpoint, _, _ = _parts()
+    batches = Batches(state, BisectEngine(), DecodeSettings(), AlertRules(state.config.alerts), checkpoint,
+                      lambda tp: None)
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("device gone"))
+    state.in_flight.append(Batch([_record(0)], [], [], failed))
+    batches.drain()
+    assert isinstance(state.fatal, RuntimeError) and not state.in_flight and not state.ledger.has_pending()
+    batches.close()

@@ -277,6 +277,12 @@ def check_txn_topics(bootstrap: str, topic: str, dead_expected: int, what: str,
               "alerts": len(alerts), "alerts_dup_committed": sum(alerts.values()) - len(alerts),
               "alerts_dup_uncommitted": sum(alerts_all.values()) - len(alerts_all)}
     print(f"\nTXN-TABLE | {what} | {result}")
+    if os.environ.get("NLPSTREAM_TXN_DIAG") and (len(dlq) != dead_expected or len(alerts) != len(alerts_all)):
+        missing = sorted(set(dlq_all) - set(dlq))
+        print(f"DIAG missing dead letters {len(missing)}: {missing[:20]}")
+        time.sleep(75)
+        again = dead_keys(read_all(bootstrap, f"{topic}.dlq", "read_committed"))
+        print(f"DIAG after 75 s: {len(again)} dead letters read_committed, dups {sum(again.values()) - len(again)}")
     assert len(dlq) == dead_expected and result["dead_dup_committed"] == 0, result
     assert set(dlq_all) == set(dlq), "a default reader still reads every dead letter"
     assert alerts and result["alerts_dup_committed"] == 0, result

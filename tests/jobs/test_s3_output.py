@@ -219,8 +219,8 @@ def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_buc
     try:
         url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
         env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128"}
-        # Not transactional: with transactions on, a table run (test_table_output) once left the dead letters
-        # and alerts of the batch in flight at the stop invisible to a read_committed reader (issue 10, open)
+        # Not transactional: with transactions on, a failed transaction rewinds the partition while a batch of
+        # it may still be in flight (README "Delivery guarantees", issue 10, open)
         job = stream_proc(info.bootstrap_servers, unique, url, group, "--idle-timeout", "10", log=log, env=env)
         wait_for(lambda: rows_on(s3_server, url) > 200, 180, "first rows", job)
         kafka_local.stop(data)

@@ -26,8 +26,8 @@ import yaml
 
 from nlpstream.jobs.config import StreamConfig, load_config
 from tests.conftest import json_messages, produce
-from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, end_offsets, good_ids, own_broker_with_topic,
-                               reap, restarts_of, stream_proc, txn_env, wait_for)
+from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, dirty_topic, end_offsets, good_ids,
+                               own_broker_with_topic, reap, restarts_of, stream_proc, txn_env, wait_for)
 from tests.s3 import ends_per_partition, exactness_s3, hidden_objects, objects, read_back
 
 CLI = [sys.executable, "-m", "nlpstream.jobs.cli"]
@@ -47,22 +47,18 @@ def queued(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> 
     return topic, [f"{unique}-{i}" for i in range(n)]
 
 
-def queued_dirty(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> str:
-    topic = make_topic(unique, partitions=partitions)
-    produce(bootstrap, topic, dirty_corpus(n, unique)[0])
-    return topic
-
-
 def check_dirty(server, url: str, bucket: str, bootstrap: str, group: str, topic: str, parts: int, n: int,
-                prefix: str, what: str) -> dict[str, int]:
+                prefix: str, what: str, transactional: bool = True) -> dict[str, int]:
     """Each decodable message of the dirty corpus once in the objects, no hidden object, the whole topic
-    committed, each dead letter and alert once to a read_committed reader."""
+    committed; ``transactional``: each dead letter and alert once to a read_committed reader."""
     ids = good_ids(n, prefix)
     result = exactness_s3(server, url, parts, ids)
     result.pop("gaps")  # the dead letters' offsets are gaps in the rows
     assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, result
     assert hidden_objects(server, bucket) == [], "temporary objects left visible to readers"
     assert committed(bootstrap, group, topic, parts) == end_offsets(bootstrap, topic, parts)
+    if not transactional:
+        return result
     table = read_back(server, url)
     negative = {i for i, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist())
                 if label == "negative"}
@@ -123,7 +119,7 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
     parts, n = 3, 600
     env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "64",
            "NLPSTREAM_KAFKA__GROUP_INSTANCE_ID": f"{unique}-worker"}
-    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     env.update(txn_env(topic))
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
@@ -150,7 +146,8 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
     final = stream_proc(kafka_bootstrap, topic, url, group, "--precision", "fp32", "--idle-timeout", "5", log=log,
                         env=env)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
-    result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique, f"kill -9 x{kills}")
+    result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
+                         f"kill -9 x{kills}")
     report("kill -9 with s3:// output", kills, n, result,
            f"(rows before each kill: {seen_before_kill}; supervisor restarts after a stall: {stall_restarts})")
 
@@ -160,7 +157,7 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
 def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bootstrap, make_topic, unique, tmp_path,
                                                                       s3_server, s3_bucket):
     parts, n = 3, 900
-    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
     env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(topic)}  # small objects
     job = stream_proc(kafka_bootstrap, topic, url, group, "--max-messages", str(n), log=log, env=env)
@@ -190,7 +187,7 @@ def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bo
 def test_group_member_killed_and_another_added_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, s3_server,
                                                      s3_bucket):
     parts, n = 4, 1600
-    topic = queued_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
     env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(topic)}
     a = stream_proc(kafka_bootstrap, topic, url, group, log=log, env=env)
@@ -230,12 +227,8 @@ def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_buc
         kafka_local.start(data, timeout_s=120)
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
         assert stopped_at < len(good_ids(n, unique)), "the job had finished before the broker stopped"
-        ids = good_ids(n, unique)
-        result = exactness_s3(s3_server, url, parts, ids)
-        result.pop("gaps")  # the dead letters' offsets are gaps in the rows
-        assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, result
-        assert hidden_objects(s3_server, s3_bucket) == []
-        assert committed(info.bootstrap_servers, group, unique, parts) == end_offsets(info.bootstrap_servers, unique, parts)
+        result = check_dirty(s3_server, url, s3_bucket, info.bootstrap_servers, group, unique, parts, n, unique,
+                             "broker stopped 20 s", transactional=False)
         report("s3: broker stopped 20 s", 1, n, result, f"(rows when stopped: {stopped_at})")
     finally:
         kafka_local.stop(data)

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import produce
-from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, end_offsets, good_ids, own_broker_with_topic,
-                               reap, stream_proc, txn_env, wait_for)
+from tests.jobs.faults import (check_txn_topics, committed, dirty_corpus, dirty_topic, end_offsets, good_ids,
+                               own_broker_with_topic, reap, stream_proc, txn_env, wait_for)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model]
 FORMATS = ("delta", "iceberg")
@@ -108,16 +107,11 @@ def spawn(bootstrap, topic, table, group, log, *extra, transactions=True):
                        env=txn_env(topic) if transactions else None)
 
 
-def queue_dirty(bootstrap, make_topic, unique, parts, n) -> str:
-    topic = make_topic(unique, partitions=parts)
-    produce(bootstrap, topic, dirty_corpus(n, unique)[0])
-    return topic
-
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 3000
-    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     table, log = Table(fmt, tmp_path), tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
     kills, before = 0, []
@@ -146,7 +140,7 @@ def test_kill_9_then_resume_from_the_table(fmt, kafka_bootstrap, make_topic, uni
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_group_member_killed_and_another_added(fmt, kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 4, 3000
-    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
     a = spawn(kafka_bootstrap, topic, table, group, log)
     b = spawn(kafka_bootstrap, topic, table, group, log, "--idle-timeout", "10")
@@ -215,7 +209,7 @@ def test_table_refusing_commits_then_back(fmt, kafka_bootstrap, make_topic, uniq
     """The Delta log folder or the Iceberg catalog read-only mid-stream: retries, nothing committed to Kafka
     meanwhile, one WARNING; then every record exactly once."""
     parts, n = 3, 2500
-    topic = queue_dirty(kafka_bootstrap, make_topic, unique, parts, n)
+    topic, _ = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     table, log, group = Table(fmt, tmp_path), tmp_path / "job.log", f"{unique}-g"
     job = spawn(kafka_bootstrap, topic, table, group, log, "--max-messages", str(n))
     wait_for(lambda: table.rows() > 300, 180, "first commits", job)

@@ -15,8 +15,7 @@ import pytest
 from nlpstream.consumers.records import InputRecord
 from nlpstream.jobs.transactions import (PartitionTransactions, TransactionError, is_fenced, resume_point,
                                          transactional_id)
-from tests.conftest import produce
-from tests.jobs.faults import (check_txn_topics, dirty_corpus, exactness, files, read_all, reap, rows_in,
+from tests.jobs.faults import (check_txn_topics, dirty_topic, exactness, files, read_all, reap, rows_in,
                                stream_proc, txn_env, wait_for)
 
 
@@ -196,9 +195,7 @@ def _proc(bootstrap: str, topic: str, out: Path, group: str, log: Path, *extra: 
 @pytest.mark.usefixtures("_reap_jobs")
 def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 3, 4000
-    topic = make_topic(unique, partitions=parts)
-    messages, dead = dirty_corpus(n, unique)
-    produce(kafka_bootstrap, topic, messages)
+    topic, dead = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))
     kills = 0
@@ -233,9 +230,7 @@ def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic
 @pytest.mark.usefixtures("_reap_jobs")
 def test_zombie_worker_is_fenced(kafka_bootstrap, make_topic, unique, tmp_path):
     parts, n = 2, 2000
-    topic = make_topic(unique, partitions=parts)
-    messages, dead = dirty_corpus(n, unique)
-    produce(kafka_bootstrap, topic, messages)
+    topic, dead = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
     a = _proc(kafka_bootstrap, topic, out, group, log, "--idle-timeout", "6")

@@ -104,8 +104,10 @@ class Batches:
         else:
             results = Future()
             results.set_result(self._classify_batch(texts) if good else [])
-        in_flight = self._state.in_flight
-        in_flight.append(Batch(records, good, undecodable, results))
+        state = self._state
+        generations = {tp: state.generations.get(tp, 0) for tp in {(r.topic, r.partition) for r in records}}
+        in_flight = state.in_flight
+        in_flight.append(Batch(records, good, undecodable, results, generations))
         while len(in_flight) > self.config.pipeline_depth:
             self._finish(in_flight.popleft())
 
@@ -144,12 +146,12 @@ class Batches:
         state = self._state
         records, good, undecodable = batch.records, batch.good, batch.undecodable
         results = batch.results.result()
-        pending = state.pending
-        if pending:  # a partition rewound while this batch was in flight: handled again after the rewind
-            keep = [i for i, d in enumerate(good) if (d.record.topic, d.record.partition) not in pending]
+        stale = {tp for tp in batch.generations if state.stale(batch, tp)}
+        if stale:  # a partition rewound while this batch was in flight: handled again after the rewind, not now
+            keep = [i for i, d in enumerate(good) if (d.record.topic, d.record.partition) not in stale]
             good, results = [good[i] for i in keep], [results[i] for i in keep]
-            undecodable = [(r, e) for r, e in undecodable if (r.topic, r.partition) not in pending]
-            records = [r for r in records if (r.topic, r.partition) not in pending]
+            undecodable = [(r, e) for r, e in undecodable if (r.topic, r.partition) not in stale]
+            records = [r for r in records if (r.topic, r.partition) not in stale]
         for record, exc in undecodable:
             self._checkpoint.dead_letter(record, *decode_failure(exc))
         if good:

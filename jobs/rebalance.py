@@ -235,6 +235,7 @@ class Rebalance:
                         tp[0], tp[1], error)
         if tp in set(state.input.assignment()):
             self._checkpoint.discard(*tp)
+            state.new_generation(tp)  # a batch of it still being classified is not handled after the rewind
             state.ledger.assigned(tp, None)
             state.committed.pop(tp, None)
             state.resume_commits.pop(tp, None)
@@ -244,6 +245,7 @@ class Rebalance:
     def _assigned_transactional(self, tp: TP) -> None:
         """A newly assigned partition waits, paused, until :meth:`prepare` fenced its id. Caller holds the lock."""
         state = self._state
+        state.new_generation(tp)
         state.ledger.assigned(tp, None)  # nothing is accepted before the prepare (see Batches.accept)
         state.committed.pop(tp, None)
         state.pending[tp] = time.monotonic()

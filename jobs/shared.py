@@ -60,6 +60,7 @@ class Batch:
     good: list[DecodedText]
     undecodable: list[tuple[InputRecord, DecodeError]]
     results: Future[list[Prediction | BaseException]]  # already done when classified on the loop's thread
+    generations: dict[TP, int] = field(default_factory=dict)  # each partition's generation when it was accepted
 
 
 @dataclass(eq=False)
@@ -81,6 +82,17 @@ class SharedState:
     committed: dict[TP, int] = field(default_factory=dict)  # the group's committed offset (or where we started)
     resume_commits: dict[TP, int] = field(default_factory=dict)  # where the files end, ahead of the group's commit
     pending: dict[TP, float] = field(default_factory=dict)  # assigned or rewound, paused: not fenced / offset unread
+    # bumped whenever a partition is rewound or (re)assigned: a batch accepted under an older generation holds
+    # records from before the rewind, and none of them may be handled after it (their rows would land beyond the
+    # rows the rewind discarded, and the files' end would jump over those)
+    generations: dict[TP, int] = field(default_factory=dict)
+
+    def new_generation(self, tp: TP) -> None:
+        self.generations[tp] = self.generations.get(tp, 0) + 1
+
+    def stale(self, batch: "Batch", tp: TP) -> bool:
+        """True when ``tp`` was rewound or reassigned since ``batch`` was accepted (or waits to be prepared)."""
+        return tp in self.pending or batch.generations.get(tp, 0) != self.generations.get(tp, 0)
 
     def resumable(self) -> list[TP]:
         """The assigned partitions that may fetch: not those waiting to be prepared (transactions)."""

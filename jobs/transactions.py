@@ -36,6 +36,55 @@ TP = tuple[str, int]
 ProducerFactory = Callable[[str], Any]
 
 
+_RETRIABLE_COORDINATOR_ERRORS = ("CoordinatorNotAvailableError", "NotCoordinatorError", "RequestTimedOutError",
+                                  "CoordinatorLoadInProgressError")
+
+
+def patch_txn_offset_commit() -> bool:
+    """Make kafka-python 2.3.3 retry a transactional offset commit that meets a coordinator error.
+
+    Its ``TxnOffsetCommitHandler.handle_response`` reads
+    ``errors.CoordinatorNotAvailableError`` from a local dict, so any error
+    in that response raises AttributeError inside the callback: the request
+    never completes and the job's commit times out (seen after a broker
+    restart, and on a group whose coordinator is still loading). A response
+    that holds one of the retriable coordinator errors is answered here the
+    way the Kafka protocol asks (find the group coordinator again, send the
+    pending offsets again); every other response goes to kafka-python.
+    Returns True when the handler was patched (only kafka-python 2.3.3).
+    """
+    import kafka
+    from kafka import errors as kerrors
+    from kafka.producer import transaction_manager as tm
+
+    if kafka.__version__ != "2.3.3" or getattr(tm.TxnOffsetCommitHandler, "_nlpstream_patched", False):
+        return False
+    original = tm.TxnOffsetCommitHandler.handle_response
+    retriable = tuple(getattr(kerrors, name) for name in _RETRIABLE_COORDINATOR_ERRORS)
+
+    def handle_response(self: Any, response: Any) -> None:
+        codes = [kerrors.for_code(code) for _, partitions in response.topics for _, code in partitions]
+        if not any(error in retriable for error in codes) or \
+                any(error is not kerrors.NoError and error not in retriable for error in codes):
+            return original(self, response)
+        manager = self.transaction_manager
+        for (topic, partitions) in response.topics:
+            for partition, code in partitions:
+                if kerrors.for_code(code) is kerrors.NoError:
+                    manager._pending_txn_offset_commits.pop(kafka.TopicPartition(topic, partition), None)
+        manager._lookup_coordinator("group", self.consumer_group_id)
+        if manager._pending_txn_offset_commits:
+            self.offsets = manager._pending_txn_offset_commits
+            self.request = self._build_request()
+            self.reenqueue()
+        else:
+            self.result.done()
+
+    tm.TxnOffsetCommitHandler.handle_response = handle_response
+    tm.TxnOffsetCommitHandler._nlpstream_patched = True
+    return True
+
+
 class TransactionError(Exception):
     """A transaction of one input partition failed; ``fenced``: another producer holds its id now."""
 
@@ -100,6 +149,8 @@ class PartitionTransactions:
 
     def _kafka_producer(self, txn_id: str) -> Any:
         from kafka import KafkaProducer
+
+        patch_txn_offset_commit()
 
         assert self._connection is not None
         return KafkaProducer(**self._connection.kafka_kwargs(), transactional_id=txn_id, acks="all", linger_ms=5,

@@ -431,3 +431,46 @@ def test_drain_keeps_a_classification_failure_for_the_loop_and_drops_the_batches
     batches.drain()
     assert isinstance(state.fatal, RuntimeError) and not state.in_flight and not state.ledger.has_pending()
     batches.close()
+
+
+class GatedEngine(BisectEngine):
+    """Classifies only once ``gate`` is set: keeps a batch in flight on the classifier thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+
+    def classify(self, texts):
+        assert self.gate.wait(10), "the test never opened the gate"
+        return super().classify(texts)
+
+
+def test_a_batch_in_flight_when_its_partition_is_rewound_is_not_handled_after_the_rewind():
+    """A transaction fails while a batch of the partition is being classified; the partition is re-fenced
+    (no longer pending) before the batch finishes: that batch's rows must not be written (they would land
+    beyond the rows the rewind discarded), and the redelivered records are written once."""
+    state, checkpoint, _, _ = _parts(assigned=[T0])
+    state.txn = type("Txn", (), {"retire": lambda self, tps: None, "send_alerts": lambda self, alerts: None,
+                                 "send_dead_letter": lambda self, *args: None})()
+    rebalance = _rebalance(state, checkpoint)
+    engine = GatedEngine()
+    batches = Batches(state, engine, DecodeSettings(), AlertRules(state.config.alerts), checkpoint, lambda tp: None)
+    assert state.config.pipeline_depth == 1
+    old = [_record(i) for i in range(10, 14)]
+    accepted, _ = batches.accept(old)
+    batches.enqueue(accepted)  # classified on the worker thread, blocked at the gate
+    assert len(state.in_flight) == 1
+    rebalance.txn_failed(TransactionError(T0, "lost"))
+    del state.pending[T0]  # re-fenced at once (what prepare does), before the batch finished
+    state.ledger.assigned(T0, 0)
+    engine.gate.set()
+    batches.finish_all()
+    assert state.sink.rows == [] and not state.ledger.has_pending()
+    redelivered = [_record(i) for i in range(14)]
+    accepted, _ = batches.accept(redelivered)
+    assert [r.offset for r in accepted] == list(range(14))
+    batches.enqueue(accepted)
+    batches.finish_all()
+    assert [r.offset for r in state.sink.rows] == list(range(14))
+    batches.close()

@@ -284,3 +284,30 @@ def test_new_owner_fences_the_old_one_on_the_broker(kafka_bootstrap, make_topic,
         assert consumer.committed(TopicPartition(topic, 0)) == 4
     finally:
         consumer.close()
+
+
+def test_a_coordinator_error_in_the_offset_commit_response_is_retried_not_raised():
+    """kafka-python 2.3.3 raised AttributeError on any error in a TxnOffsetCommit response (a typo), so the
+    request never completed; patched, a retriable coordinator error looks the coordinator up again and resends
+    the offsets still pending, and a clean response completes the request."""
+    from kafka import TopicPartition
+    from kafka import errors as kerrors
+    from kafka.producer import transaction_manager as tm
+
+    from nlpstream.jobs.transactions import patch_txn_offset_commit
+
+    patch_txn_offset_commit()
+    lookups, requeued, done = [], [], []
+    manager = type("M", (), {})()
+    manager._pending_txn_offset_commits = {TopicPartition("t", 0): 1, TopicPartition("t", 1): 2}
+    manager._lookup_coordinator = lambda kind, key: lookups.append((kind, key))
+    handler = tm.TxnOffsetCommitHandler.__new__(tm.TxnOffsetCommitHandler)
+    handler.transaction_manager, handler.consumer_group_id = manager, "g"
+    handler._build_request = lambda: "request"
+    handler.reenqueue = lambda: requeued.append(dict(handler.offsets))
+    handler._result = type("R", (), {"done": lambda self: done.append(True)})()
+    response = type("Resp", (), {"topics": [("t", [(0, 0), (1, kerrors.NotCoordinatorError.errno)])]})()
+    handler.handle_response(response)  # raised AttributeError before the patch
+    assert lookups == [("group", "g")] and requeued == [{TopicPartition("t", 1): 2}] and not done
+    handler.handle_response(type("Resp", (), {"topics": [("t", [(1, 0)])]})())
+    assert done == [True] and manager._pending_txn_offset_commits == {}

@@ -48,17 +48,15 @@ def queued(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> 
 
 
 def check_dirty(server, url: str, bucket: str, bootstrap: str, group: str, topic: str, parts: int, n: int,
-                prefix: str, what: str, transactional: bool = True) -> dict[str, int]:
+                prefix: str, what: str) -> dict[str, int]:
     """Each decodable message of the dirty corpus once in the objects, no hidden object, the whole topic
-    committed; ``transactional``: each dead letter and alert once to a read_committed reader."""
+    committed, each dead letter and alert once to a read_committed reader."""
     ids = good_ids(n, prefix)
     result = exactness_s3(server, url, parts, ids)
     result.pop("gaps")  # the dead letters' offsets are gaps in the rows
     assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, result
     assert hidden_objects(server, bucket) == [], "temporary objects left visible to readers"
     assert committed(bootstrap, group, topic, parts) == end_offsets(bootstrap, topic, parts)
-    if not transactional:
-        return result
     table = read_back(server, url)
     negative = {i for i, label in zip(table.column("id").to_pylist(), table.column("label").to_pylist())
                 if label == "negative"}
@@ -215,9 +213,8 @@ def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_buc
     info = own_broker_with_topic(data, unique, parts, dirty_corpus(n, unique)[0])
     try:
         url, log, group = f"s3://{s3_bucket}/out", tmp_path / "job.log", f"{unique}-g"
-        env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128"}
-        # Not transactional: with transactions on, a failed transaction rewinds the partition while a batch of
-        # it may still be in flight (README "Delivery guarantees", issue 10, open)
+        env = {**s3_server.env(), "NLPSTREAM_KAFKA__MAX_POLL_RECORDS": "128", **txn_env(unique)}
+        # a transaction that fails with the broker is handled again: stop when idle, not after n records
         job = stream_proc(info.bootstrap_servers, unique, url, group, "--idle-timeout", "10", log=log, env=env)
         wait_for(lambda: rows_on(s3_server, url) > 200, 180, "first rows", job)
         kafka_local.stop(data)
@@ -228,7 +225,7 @@ def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_buc
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
         assert stopped_at < len(good_ids(n, unique)), "the job had finished before the broker stopped"
         result = check_dirty(s3_server, url, s3_bucket, info.bootstrap_servers, group, unique, parts, n, unique,
-                             "broker stopped 20 s", transactional=False)
+                             "broker stopped 20 s")
         report("s3: broker stopped 20 s", 1, n, result, f"(rows when stopped: {stopped_at})")
     finally:
         kafka_local.stop(data)

@@ -211,4 +211,5 @@ def test_direct_tokenizer_backend_gives_the_transformers_ids(engine):
         texts, truncation=True, max_length=engine.max_length, add_special_tokens=True,
         return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
     assert engine.tokenize(texts) == expected
+    assert engine._encode(texts).tolist() == expected, "the flat ids of a call read back as the same lists"
     assert max(len(x) for x in expected) == engine.max_length

@@ -389,39 +389,34 @@ class Engine:
     def _predictions(self, probs: np.ndarray, failed: dict[int, str]) -> list[Prediction | TextError]:
         """One Prediction per row of ``probs`` (a TextError for the rows in ``failed``).
 
-        Labels and scores come from array operations over all rows at once;
-        a row holding a NaN or an infinity (none should reach here) goes
-        through :meth:`_prediction` as before.
+        Labels and scores come from array operations over all rows at once, and
+        each row is read from column lists, so no list per row is made (only the
+        Predictions stay alive: fewer objects for the garbage collector to
+        promote, and fewer full collections over the whole process). A row
+        holding a NaN or an infinity (none should reach here) goes through
+        :meth:`_prediction` as before.
         """
-        rows = probs.tolist()
         finite = np.isfinite(probs).all(axis=1).tolist()
-        heads = []  # per head: labels, columns, argmax and max of every row
+        columns = probs.T.tolist()
+        heads = []  # per head: labels, argmax and max of every row, its columns
         for (_, labels), (a, b) in zip(self.heads, self._bounds):
             part = probs[:, a:b]
-            heads.append((labels, a, b, part.argmax(axis=1).tolist(), part.max(axis=1).tolist()))
-        out: list[Prediction | TextError] = []
-        if len(heads) == 1:
-            labels, _, _, best, score = heads[0]
-            for i, row in enumerate(rows):
-                if i in failed:
-                    out.append(TextError(i, failed[i]))
-                elif not finite[i]:
-                    out.append(self._prediction(row))
-                else:
-                    out.append(Prediction(labels[best[i]], score[i], dict(zip(labels, row))))
-            return out
+            heads.append((labels, part.argmax(axis=1).tolist(), part.max(axis=1).tolist(), columns[a:b]))
         names = [name for name, _ in self.heads[1:]]
-        for i, row in enumerate(rows):
+        out: list[Prediction | TextError] = []
+        for i in range(len(probs)):
             if i in failed:
                 out.append(TextError(i, failed[i]))
-                continue
-            if not finite[i]:
-                out.append(self._prediction(row))
-                continue
-            preds = [Prediction(labels[best[i]], score[i], dict(zip(labels, row[a:b])))
-                     for labels, a, b, best, score in heads]
-            first = preds[0]
-            out.append(Prediction(first.label, first.score, first.probs, heads=dict(zip(names, preds[1:]))))
+            elif not finite[i]:
+                out.append(self._prediction(probs[i].tolist()))
+            elif not names:
+                labels, best, score, cols = heads[0]
+                out.append(Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)}))
+            else:
+                preds = [Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)})
+                         for labels, best, score, cols in heads]
+                first = preds[0]
+                out.append(Prediction(first.label, first.score, first.probs, heads=dict(zip(names, preds[1:]))))
         return out
 
     def _prediction(self, row: list[float]) -> Prediction:
@@ -531,10 +526,13 @@ class Engine:
 
     def _pad(self, ids: Sequence[Sequence[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""
-        pad_id = self.bundle.tokenizer.pad_token_id or 0
         if isinstance(ids, TokenIds):
-            return ids.pad(batch.indices, batch.padded_length, pad_id)
-        return pad_batch([ids[i] for i in batch.indices], batch.padded_length, pad_id)
+            return ids.pad(batch.indices, batch.padded_length, self._pad_id)
+        return pad_batch([ids[i] for i in batch.indices], batch.padded_length, self._pad_id)
+
+    @functools.cached_property
+    def _pad_id(self) -> int:
+        return self.bundle.tokenizer.pad_token_id or 0  # read once: a transformers tokenizer attribute is slow
 
     def _forward(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return replica.runner(input_ids, mask)

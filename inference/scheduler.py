@@ -321,8 +321,7 @@ class Scheduler:
             replica.busy_s += out.seconds
             replica.padded_tokens += work.batch.padded_tokens
             replica.real_tokens += sum(max(1, lengths[i]) for i in work.batch.indices)
-            # a float64 copy now: a runner may reuse its output buffer for the next batch
-            results.append((work.batch.indices, out.probs.detach().to("cpu", torch.float64, copy=True).numpy()))
+            results.append((work.batch.indices, _float64_copy(out.probs)))
             return
         metrics.DEVICE_FAILURES.labels(replica.name, out.kind).inc()
         if out.kind == "oom":
@@ -445,6 +444,13 @@ class Scheduler:
                     self._probed(replica, fut.result().healthy)
                 except Exception:  # noqa: BLE001 - a probe that cannot be read changes nothing
                     pass
+
+
+def _float64_copy(probs: torch.Tensor) -> np.ndarray:
+    """A float64 copy of a batch's probabilities, taken now: a runner may reuse its output buffer."""
+    if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
+        return probs.numpy().astype(np.float64)  # the common case, without torch's dispatch
+    return probs.detach().to("cpu", torch.float64, copy=True).numpy()
 
 
 def _describe(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ is a gather from that array, not a walk over its rows.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -46,8 +47,8 @@ class TokenIds(Sequence[list[int]]):
     def from_encodings(cls, encodings: Sequence[Any]) -> "TokenIds":
         """From the Rust tokenizer's ``Encoding`` objects (``len`` and ``.ids`` of each)."""
         lengths = [len(e) for e in encodings]
-        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
-                           count=sum(lengths))
+        flat = np.fromiter(itertools.chain.from_iterable(map(operator.attrgetter("ids"), encodings)),
+                           dtype=np.int64, count=sum(lengths))
         return cls(flat, lengths)
 
     def __len__(self) -> int:

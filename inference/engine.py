@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from importlib import resources
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -176,6 +176,9 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("hit")
             metrics.CACHE_REQUESTS.labels("miss")
         self._call_lock = threading.Lock()
+        # large calls are tokenized in parts of this many texts, the next part while the current one runs
+        self._part_texts = max(2048, 8 * self.max_batch_size)
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
         self._collector: _Collector | None = None
         self._runner_factory = runner_factory or self._make_runner
         self._capability = capability or cuda_capability
@@ -378,6 +381,8 @@ class Engine:
             self._collector.stop()  # answers what is queued first
         self._closed = True
         self._scheduler.close()
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=True)
 
     def __enter__(self) -> "Engine":
         return self
@@ -479,7 +484,9 @@ class Engine:
     def _classify_texts(self, texts: list[str]) -> tuple[np.ndarray, dict[int, str], int]:
         """Probabilities, one row per text (NaN where it failed), ``{index: reason}`` of failed texts, tokens computed."""
         if self.long_text == "truncate":
-            return self._classify_part(*self._tokenize_each(texts))
+            if len(texts) < 2 * self._part_texts:
+                return self._classify_part(*self._tokenize_each(texts))
+            return self._classify_in_parts(texts)
         items: list[list[int]] = []
         owners: list[int] = []
         bad = {}
@@ -523,6 +530,40 @@ class Engine:
         for j, reason in failures.items():
             bad[good[j]] = reason
         return out, bad, sum(sub.lengths)
+
+    def _classify_in_parts(self, texts: list[str]) -> tuple[np.ndarray, dict[int, str], int]:
+        """:meth:`_classify_texts` of a large call: tokenizing part k+1 on a helper thread while part k runs.
+
+        The Rust tokenizer releases the GIL, so its work overlaps the
+        scheduling, padding and device work of the part before. Texts go
+        longest first (by characters), so each part's length-sorted batches
+        pad about as little as one plan over the whole call would.
+        """
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        parts = [order[s : s + self._part_texts] for s in range(0, len(order), self._part_texts)]
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-tokenize")
+        helper = self._tokenizer_thread
+
+        def tokenize(k: int) -> Future[tuple[TokenIds, dict[int, str]]]:
+            return helper.submit(self._tokenize_each, [texts[i] for i in parts[k]])
+
+        out = np.full((len(texts), sum(self.segments)), np.nan)
+        bad: dict[int, str] = {}
+        tokens = 0
+        upcoming = tokenize(0)
+        try:
+            for k, part in enumerate(parts):
+                ids, refused = upcoming.result()
+                if k + 1 < len(parts):
+                    upcoming = tokenize(k + 1)
+                rows, failed, part_tokens = self._classify_part(ids, refused)
+                out[part] = rows
+                bad.update((part[j], reason) for j, reason in failed.items())
+                tokens += part_tokens
+        finally:
+            wait([upcoming])  # nothing of this call runs on after it returns or raises
+        return out, bad, tokens
 
     def _pad(self, ids: Sequence[Sequence[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""

@@ -35,21 +35,16 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     """
     if max_batch_tokens <= 0 or max_batch_size <= 0:
         raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and max_batch_size ({max_batch_size}) must be positive")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # longest first, ties in index order (a reverse sort keeps equal keys in their original order)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     batches: list[Batch] = []
-    current: list[int] = []
-    longest = 0
-    for idx in order:
-        length = max(1, lengths[idx])
-        if current:
-            longest_if_added = max(longest, length)
-            if len(current) + 1 > max_batch_size or longest_if_added * (len(current) + 1) > max_batch_tokens:
-                batches.append(Batch(tuple(current), longest))
-                current, longest = [], 0
-        current.append(idx)
-        longest = max(longest, length)
-    if current:
-        batches.append(Batch(tuple(current), longest))
+    start = 0
+    while start < len(order):
+        # the first text of a batch is its longest, so its size follows from that length alone
+        longest = max(1, lengths[order[start]])
+        size = max(1, min(max_batch_size, max_batch_tokens // longest))
+        batches.append(Batch(tuple(order[start : start + size]), longest))
+        start += size
     return batches
 
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from importlib import resources
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from nlpstream.inference.errors import AgreementError, DeviceError, InferenceErr
 from nlpstream.inference.model import ModelBundle
 from nlpstream.inference.runtimes import OpenVINORunner, Runner, TorchRunner
 from nlpstream.inference.scheduler import _WAIT_STEP_S, Replica, Scheduler
+from nlpstream.inference.tokens import TokenIds
 from nlpstream.inference.types import Prediction
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -175,6 +176,9 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("hit")
             metrics.CACHE_REQUESTS.labels("miss")
         self._call_lock = threading.Lock()
+        # large calls are tokenized in parts of this many texts, the next part while the current one runs
+        self._part_texts = max(2048, 8 * self.max_batch_size)
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
         self._collector: _Collector | None = None
         self._runner_factory = runner_factory or self._make_runner
         self._capability = capability or cuda_capability
@@ -278,32 +282,32 @@ class Engine:
         unique: dict[str, int] = {}
         slots = [unique.setdefault(t, len(unique)) for t in texts]
         distinct = list(unique)
-        rows: list[list[float] | None] = [None] * len(distinct)
+        probs = np.full((len(distinct), sum(self.segments)), np.nan)  # one row per distinct text
+        missing = range(len(distinct))
         keys = [self.cache.key(t) for t in distinct] if self.cache.enabled else []
         if keys:
-            for i, key in enumerate(keys):
-                rows[i] = self.cache.get(key)
-            hits = sum(r is not None for r in rows)
-            metrics.CACHE_REQUESTS.labels("hit").inc(hits)
-            metrics.CACHE_REQUESTS.labels("miss").inc(len(distinct) - hits)
-        missing = [i for i, r in enumerate(rows) if r is None]
+            hit_rows = [self.cache.get(key) for key in keys]
+            missing = [i for i, r in enumerate(hit_rows) if r is None]
+            for i, row in enumerate(hit_rows):
+                if row is not None:
+                    probs[i] = row
+            metrics.CACHE_REQUESTS.labels("hit").inc(len(distinct) - len(missing))
+            metrics.CACHE_REQUESTS.labels("miss").inc(len(missing))
         failed: dict[int, str] = {}
         tokens = 0
         if missing:
             with self._call_lock:
                 computed, errors, tokens = self._classify_texts([distinct[i] for i in missing])
                 self.last_tokens = tokens
-            for j, (i, row) in enumerate(zip(missing, computed)):
-                if j in errors:
-                    failed[i] = errors[j]
-                    continue
-                rows[i] = row
-                if keys:
-                    self.cache.put(keys[i], row)  # type: ignore[arg-type]
-        preds: list[Prediction | TextError] = [
-            TextError(i, failed[i]) if i in failed else self._prediction(row)  # type: ignore[arg-type]
-            for i, row in enumerate(rows)
-        ]
+            probs[list(missing)] = computed
+            failed = {missing[j]: reason for j, reason in errors.items()}
+            if keys:
+                for j, (i, row) in enumerate(zip(missing, computed.tolist())):
+                    if j not in errors:
+                        self.cache.put(keys[i], row)
+        preds = self._predictions(probs, failed)
+        if not failed and len(distinct) == len(texts):  # every text once, none failed: preds is the answer
+            return preds, tokens
         out: list[Prediction | TextError] = []
         for pos, s in enumerate(slots):
             p = preds[s]
@@ -322,16 +326,28 @@ class Engine:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, special tokens included, truncated to the model's maximum."""
+        backend = self._backend
+        if backend is not None:  # the Rust tokenizer directly: no per-text conversion in Python
+            return [e.ids for e in backend.encode_batch(self._clip(texts), add_special_tokens=True)]
+        return self._tokenize_slow(texts)
+
+    def _encode(self, texts: Sequence[str]) -> TokenIds:
+        """:meth:`tokenize` as one flat array (the Rust tokenizer's ids read once, no list per text)."""
+        backend = self._backend
+        if backend is not None:
+            return TokenIds.from_encodings(backend.encode_batch(self._clip(texts), add_special_tokens=True))
+        return TokenIds.from_lists(self._tokenize_slow(texts))
+
+    def _clip(self, texts: Sequence[str]) -> list[str]:
         # A token covers at least one character; cutting very long texts first keeps
         # tokenization of megabyte inputs cheap without changing their first tokens
         # (except for texts made mostly of whitespace).
         limit = self.max_length * 64
-        clipped = [t if len(t) <= limit else t[:limit] for t in texts]
-        backend = self._backend
-        if backend is not None:  # the Rust tokenizer directly: no per-text conversion in Python
-            return [e.ids for e in backend.encode_batch(clipped, add_special_tokens=True)]
+        return [t if len(t) <= limit else t[:limit] for t in texts]
+
+    def _tokenize_slow(self, texts: Sequence[str]) -> list[list[int]]:
         enc = self.bundle.tokenizer(
-            clipped, truncation=True, max_length=self.max_length, add_special_tokens=True,
+            self._clip(texts), truncation=True, max_length=self.max_length, add_special_tokens=True,
             return_attention_mask=False, return_token_type_ids=False,
         )
         return list(enc["input_ids"])
@@ -365,6 +381,8 @@ class Engine:
             self._collector.stop()  # answers what is queued first
         self._closed = True
         self._scheduler.close()
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=True)
 
     def __enter__(self) -> "Engine":
         return self
@@ -373,6 +391,39 @@ class Engine:
         self.close()
 
     # -- internals ----------------------------------------------------------
+    def _predictions(self, probs: np.ndarray, failed: dict[int, str]) -> list[Prediction | TextError]:
+        """One Prediction per row of ``probs`` (a TextError for the rows in ``failed``).
+
+        Labels and scores come from array operations over all rows at once, and
+        each row is read from column lists, so no list per row is made (only the
+        Predictions stay alive: fewer objects for the garbage collector to
+        promote, and fewer full collections over the whole process). A row
+        holding a NaN or an infinity (none should reach here) goes through
+        :meth:`_prediction` as before.
+        """
+        finite = np.isfinite(probs).all(axis=1).tolist()
+        columns = probs.T.tolist()
+        heads = []  # per head: labels, argmax and max of every row, its columns
+        for (_, labels), (a, b) in zip(self.heads, self._bounds):
+            part = probs[:, a:b]
+            heads.append((labels, part.argmax(axis=1).tolist(), part.max(axis=1).tolist(), columns[a:b]))
+        names = [name for name, _ in self.heads[1:]]
+        out: list[Prediction | TextError] = []
+        for i in range(len(probs)):
+            if i in failed:
+                out.append(TextError(i, failed[i]))
+            elif not finite[i]:
+                out.append(self._prediction(probs[i].tolist()))
+            elif not names:
+                labels, best, score, cols = heads[0]
+                out.append(Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)}))
+            else:
+                preds = [Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)})
+                         for labels, best, score, cols in heads]
+                first = preds[0]
+                out.append(Prediction(first.label, first.score, first.probs, heads=dict(zip(names, preds[1:]))))
+        return out
+
     def _prediction(self, row: list[float]) -> Prediction:
         if len(self.heads) == 1:
             score = max(row)
@@ -414,11 +465,11 @@ class Engine:
         starts = range(0, max(1, len(body) - self.chunk_overlap), step)
         return [prefix + body[s : s + room] + suffix for s in starts]
 
-    def _tokenize_each(self, texts: list[str]) -> tuple[list[list[int]], dict[int, str]]:
+    def _tokenize_each(self, texts: list[str]) -> tuple[TokenIds, dict[int, str]]:
         """Token ids per text; when the tokenizer raises on the whole list, texts go one by one
         and those it raises on alone are returned as ``{index: reason}`` (with empty ids)."""
         try:
-            return self.tokenize(texts), {}
+            return self._encode(texts), {}
         except Exception:  # noqa: BLE001 - isolate the texts the tokenizer refuses
             ids: list[list[int]] = []
             errors: dict[int, str] = {}
@@ -428,21 +479,14 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - reported for that text alone
                     ids.append([])
                     errors[i] = f"tokenizer: {type(exc).__name__}: {exc}"
-            return ids, errors
+            return TokenIds.from_lists(ids), errors
 
-    def _classify_texts(self, texts: list[str]) -> tuple[list[list[float] | None], dict[int, str], int]:
-        """Probabilities per text (None where it failed), ``{index: reason}`` of failed texts, tokens computed."""
+    def _classify_texts(self, texts: list[str]) -> tuple[np.ndarray, dict[int, str], int]:
+        """Probabilities, one row per text (NaN where it failed), ``{index: reason}`` of failed texts, tokens computed."""
         if self.long_text == "truncate":
-            ids, bad = self._tokenize_each(texts)
-            good = [i for i in range(len(texts)) if i not in bad]
-            rows, failures = self._run([ids[i] for i in good])
-            tokens = sum(len(ids[i]) for i in good)
-            out: list[list[float] | None] = [None] * len(texts)
-            for j, i in enumerate(good):
-                out[i] = rows[j]
-                if j in failures:
-                    bad[i] = failures[j]
-            return out, bad, tokens
+            if len(texts) < 2 * self._part_texts:
+                return self._classify_part(*self._tokenize_each(texts))
+            return self._classify_in_parts(texts)
         items: list[list[int]] = []
         owners: list[int] = []
         bad = {}
@@ -454,62 +498,131 @@ class Engine:
                 continue
             items.extend(windows)
             owners.extend([t_index] * len(windows))
-        item_rows, failures = self._run(items)
+        item_probs, failures = self._run(TokenIds.from_lists(items))
         for j in failures:
             bad.setdefault(owners[j], failures[j])
-        sums: list[list[float]] = [[0.0] * sum(self.segments) for _ in texts]
+        width = item_probs.shape[1]
+        sums: list[list[float]] = [[0.0] * width for _ in texts]
         weights = [0.0] * len(texts)
-        for owner, ids_, row in zip(owners, items, item_rows):
-            if owner in bad or row is None:
+        for j, (owner, ids_, row) in enumerate(zip(owners, items, item_probs.tolist())):
+            if owner in bad or j in failures:
                 continue
             w = float(len(ids_))
             weights[owner] += w
             sums[owner] = [s + w * p for s, p in zip(sums[owner], row)]
-        return ([None if i in bad else [s / (weights[i] or 1.0) for s in sums[i]] for i in range(len(texts))], bad,
-                sum(len(x) for x in items))
+        out = np.full((len(texts), width), np.nan)
+        for i in range(len(texts)):
+            if i not in bad:
+                out[i] = [s / (weights[i] or 1.0) for s in sums[i]]
+        return out, bad, sum(len(x) for x in items)
 
-    def _pad(self, ids: list[list[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _classify_part(self, ids: TokenIds, bad: dict[int, str]) -> tuple[np.ndarray, dict[int, str], int]:
+        """:meth:`_classify_texts` of tokenized texts (``bad``: those the tokenizer refused, with empty ids)."""
+        if not bad:
+            rows, failures = self._run(ids)
+            return rows, failures, sum(ids.lengths)
+        good = [i for i in range(len(ids)) if i not in bad]
+        sub = ids.take(good)
+        rows, failures = self._run(sub)
+        out = np.full((len(ids), rows.shape[1]), np.nan)
+        out[good] = rows
+        bad = dict(bad)
+        for j, reason in failures.items():
+            bad[good[j]] = reason
+        return out, bad, sum(sub.lengths)
+
+    def _classify_in_parts(self, texts: list[str]) -> tuple[np.ndarray, dict[int, str], int]:
+        """:meth:`_classify_texts` of a large call: tokenizing part k+1 on a helper thread while part k runs.
+
+        The Rust tokenizer releases the GIL, so its work overlaps the
+        scheduling, padding and device work of the part before. Texts go
+        longest first (by characters), so each part's length-sorted batches
+        pad about as little as one plan over the whole call would.
+        """
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        parts = [order[s : s + self._part_texts] for s in range(0, len(order), self._part_texts)]
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-tokenize")
+        helper = self._tokenizer_thread
+
+        def tokenize(k: int) -> Future[tuple[TokenIds, dict[int, str]]]:
+            return helper.submit(self._tokenize_each, [texts[i] for i in parts[k]])
+
+        out = np.full((len(texts), sum(self.segments)), np.nan)
+        bad: dict[int, str] = {}
+        tokens = 0
+        upcoming = tokenize(0)
+        try:
+            for k, part in enumerate(parts):
+                ids, refused = upcoming.result()
+                if k + 1 < len(parts):
+                    upcoming = tokenize(k + 1)
+                rows, failed, part_tokens = self._classify_part(ids, refused)
+                out[part] = rows
+                bad.update((part[j], reason) for j, reason in failed.items())
+                tokens += part_tokens
+        finally:
+            wait([upcoming])  # nothing of this call runs on after it returns or raises
+        return out, bad, tokens
+
+    def _pad(self, ids: Sequence[Sequence[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""
-        return pad_batch([ids[i] for i in batch.indices], batch.padded_length, self.bundle.tokenizer.pad_token_id or 0)
+        if isinstance(ids, TokenIds):
+            return ids.pad(batch.indices, batch.padded_length, self._pad_id)
+        return pad_batch([ids[i] for i in batch.indices], batch.padded_length, self._pad_id)
+
+    @functools.cached_property
+    def _pad_id(self) -> int:
+        return self.bundle.tokenizer.pad_token_id or 0  # read once: a transformers tokenizer attribute is slow
 
     def _forward(self, replica: Replica, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return replica.runner(input_ids, mask)
 
-    def _run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
-        if not ids:
-            return [], {}
-        rows, failures = self._scheduler.run(ids)
-        self._guard(ids, rows)
-        return rows, failures
+    def _run(self, ids: TokenIds) -> tuple[np.ndarray, dict[int, str]]:
+        """Probabilities, one row per item (NaN where it failed), and ``{index: reason}`` of failed items."""
+        if not len(ids):
+            return np.zeros((0, sum(self.segments))), {}
+        probs, failures = self._scheduler.run_array(ids, ids.lengths, width=sum(self.segments))
+        self._guard(ids, probs)
+        return probs, failures
 
-    def _guard(self, ids: list[list[int]], rows: list[list[float] | None]) -> None:
+    def _guard(self, ids: TokenIds, probs: np.ndarray) -> None:
         """Rerun the rows whose top-two margin is below the runner's guard margin through its guard graph.
 
         Done once per call, in length-sorted batches, so the reruns batch as
         well as the first pass. A guard graph that raises leaves the first
         pass's rows as they are (counted in ``nlpstream_inference_device_failures_total``).
+        Rows of failed items (NaN) are left alone.
         """
         runner = next((r.runner for r in self._replicas if r.alive and getattr(r.runner, "guard", None) is not None), None)
         if runner is None:
             return
         margin = runner.guard_margin  # type: ignore[attr-defined]
-        unsure = [i for i, row in enumerate(rows) if row is not None and self._margin(row) < margin]
+        unsure = np.flatnonzero(self._margins(probs) < margin).tolist()  # NaN rows compare False
         if not unsure:
             return
         metrics.GUARD_RERUNS.inc(len(unsure))
-        sub = [ids[i] for i in unsure]
-        for batch in plan_batches([len(x) for x in sub], self.budget.value, self.max_batch_size):
+        sub = ids.take(unsure)
+        for batch in plan_batches(sub.lengths, self.budget.value, self.max_batch_size):
             input_ids, mask = self._pad(sub, batch)
             try:
-                probs = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
+                reference = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
             except Exception as exc:  # noqa: BLE001 - the first pass's labels stand
                 metrics.DEVICE_FAILURES.labels("guard", "error").inc()
                 log.warning("guard graph failed, keeping int8 labels for %d texts: %s", len(batch.indices), exc)
                 continue
-            if not bool(torch.isfinite(probs).all()):
+            if not bool(torch.isfinite(reference).all()):
                 continue
-            for row, idx in enumerate(batch.indices):
-                rows[unsure[idx]] = probs[row].tolist()
+            probs[[unsure[idx] for idx in batch.indices]] = reference.detach().to("cpu", torch.float64).numpy()
+
+    def _margins(self, probs: np.ndarray) -> np.ndarray:
+        """:meth:`_margin` of every row of ``probs`` at once (NaN for a row holding NaN)."""
+        out = np.full(len(probs), np.inf)
+        for a, b in self._bounds:
+            if b - a > 1:
+                top = np.sort(probs[:, a:b], axis=1)[:, -2:]
+                out = np.minimum(out, top[:, 1] - top[:, 0])  # NaN stays NaN
+        return out
 
     def _check_agreement(self, min_agreement: float, size: int) -> None:
         """Compare each replica's labels on a fixed sample with fp32's; export and log the share.

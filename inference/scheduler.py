@@ -37,13 +37,15 @@ collected and every replica's ``in_flight`` returns to zero.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nlpstream.inference import metrics
@@ -56,7 +58,7 @@ _WAIT_STEP_S = 30.0
 _DRAIN_S = 120.0
 MAX_BACKOFF_S = 60.0
 MIN_TOKEN_CAP = 256
-Pad = Callable[[list[list[int]], Batch], tuple[torch.Tensor, torch.Tensor]]
+Pad = Callable[[Sequence[Sequence[int]], Batch], tuple[torch.Tensor, torch.Tensor]]
 Running = dict["Future[_Outcome]", tuple["Replica", "_Work | None", float]]  # future -> (replica, work or probe, start)
 Forward = Callable[["Replica", torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,16 +132,44 @@ class Scheduler:
             metrics.BATCH_RETRIES.labels(reason)
 
     # -- public ---------------------------------------------------------------
-    def run(self, ids: list[list[int]]) -> tuple[list[list[float] | None], dict[int, str]]:
+    def run(self, ids: Sequence[Sequence[int]],
+            lengths: Sequence[int] | None = None) -> tuple[list[list[float] | None], dict[int, str]]:
         """Probabilities per item of ``ids`` (None where it failed) and ``{index: reason}`` of failed items.
 
+        ``ids`` goes to ``pad`` as it is; ``lengths`` (token count per item) defaults to their lengths.
         An item fails only when it failed alone three times on replicas whose
         probe passed (see the module docstring). Raises DeviceError when no replica is live (nothing is left
         running then).
         """
-        lengths = [len(x) for x in ids]
-        pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size))]
+        parts, failures = self._run(ids, lengths)
         results: list[list[float] | None] = [None] * len(ids)
+        for indices, probs in parts:
+            for row, idx in zip(probs.tolist(), indices):
+                results[idx] = row
+        return results, failures
+
+    def run_array(self, ids: Sequence[Sequence[int]], lengths: Sequence[int] | None = None,
+                  width: int = 0) -> tuple[np.ndarray, dict[int, str]]:
+        """:meth:`run` with the probabilities as one float64 array, one row per item (NaN where it failed).
+
+        ``width``: the row width when no item succeeded (else the runner's).
+        """
+        parts, failures = self._run(ids, lengths)
+        if parts:
+            width = parts[0][1].shape[1]
+        out = np.full((len(ids), width), np.nan)
+        if parts:
+            rows = np.fromiter(itertools.chain.from_iterable(p[0] for p in parts), dtype=np.int64,
+                               count=sum(len(p[0]) for p in parts))
+            out[rows] = np.concatenate([p[1] for p in parts])
+        return out, failures
+
+    def _run(self, ids: Sequence[Sequence[int]],
+             lengths: Sequence[int] | None) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], dict[int, str]]:
+        """``(indices, probabilities)`` of each batch that succeeded, and the failed items."""
+        lengths = [len(x) for x in ids] if lengths is None else lengths
+        pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size))]
+        results: list[tuple[tuple[int, ...], np.ndarray]] = []
         failures: dict[int, str] = {}
         running: Running = {}
         try:
@@ -184,7 +214,7 @@ class Scheduler:
         self._last_pick = i
         return replica
 
-    def _dispatch(self, ids: list[list[int]], lengths: list[int], pending: list[_Work], running: Running) -> None:
+    def _dispatch(self, ids: Sequence[Sequence[int]], lengths: Sequence[int], pending: list[_Work], running: Running) -> None:
         while pending:
             replica = self._pick(pending[-1].avoid)
             if replica is None or replica.in_flight >= replica.concurrency + 1:
@@ -197,7 +227,8 @@ class Scheduler:
             input_ids, mask = self._pad(ids, work.batch)
             metrics.BATCH_TEXTS.observe(len(work.batch.indices))
             metrics.BATCH_TOKENS.observe(work.batch.padded_tokens)
-            metrics.PADDING_SHARE.observe(1.0 - int(mask.sum()) / max(1, mask.numel()))
+            real = sum(lengths[i] for i in work.batch.indices)  # the mask's ones, without a pass over it
+            metrics.PADDING_SHARE.observe(1.0 - real / max(1, work.batch.padded_tokens))
             self._submit(running, replica, work, self._attempt, replica, input_ids, mask)
 
     def _probe_due(self, running: Running) -> None:
@@ -274,8 +305,9 @@ class Scheduler:
                 log.debug("releasing memory on %s failed: %s", replica.name, exc)
 
     # -- results ----------------------------------------------------------------
-    def _settle(self, replica: Replica, work: _Work | None, fut: Future[_Outcome], lengths: list[int],
-                pending: list[_Work], results: list[list[float] | None], failures: dict[int, str]) -> None:
+    def _settle(self, replica: Replica, work: _Work | None, fut: Future[_Outcome], lengths: Sequence[int],
+                pending: list[_Work], results: list[tuple[tuple[int, ...], np.ndarray]],
+                failures: dict[int, str]) -> None:
         try:
             out = fut.result()
         except Exception as exc:  # noqa: BLE001 - the executor itself failed (shut down): treat as a gone device
@@ -289,8 +321,7 @@ class Scheduler:
             replica.busy_s += out.seconds
             replica.padded_tokens += work.batch.padded_tokens
             replica.real_tokens += sum(max(1, lengths[i]) for i in work.batch.indices)
-            for row, idx in zip(out.probs.tolist(), work.batch.indices):
-                results[idx] = row
+            results.append((work.batch.indices, _float64_copy(out.probs)))
             return
         metrics.DEVICE_FAILURES.labels(replica.name, out.kind).inc()
         if out.kind == "oom":
@@ -317,7 +348,7 @@ class Scheduler:
             return
         self._failed_on_healthy(replica, work, out.error, lengths, pending, failures)
 
-    def _failed_on_healthy(self, replica: Replica, work: _Work, error: str, lengths: list[int],
+    def _failed_on_healthy(self, replica: Replica, work: _Work, error: str, lengths: Sequence[int],
                            pending: list[_Work], failures: dict[int, str]) -> None:
         attempts = work.attempts + 1
         single = len(work.batch.indices) == 1
@@ -337,7 +368,7 @@ class Scheduler:
         log.info("one input fails alone on healthy devices and is reported: %s", error)
 
     @staticmethod
-    def _split(work: _Work, lengths: list[int]) -> list[_Work]:
+    def _split(work: _Work, lengths: Sequence[int]) -> list[_Work]:
         """Halves of a batch; a half of several items keeps the failure count, a single item starts afresh."""
         half = len(work.batch.indices) // 2
         parts = (work.batch.indices[:half], work.batch.indices[half:])
@@ -413,6 +444,13 @@ class Scheduler:
                     self._probed(replica, fut.result().healthy)
                 except Exception:  # noqa: BLE001 - a probe that cannot be read changes nothing
                     pass
+
+
+def _float64_copy(probs: torch.Tensor) -> np.ndarray:
+    """A float64 copy of a batch's probabilities, taken now: a runner may reuse its output buffer."""
+    if probs.dtype == torch.float32 and probs.device.type == "cpu" and not probs.requires_grad:
+        return probs.numpy().astype(np.float64)  # the common case, without torch's dispatch
+    return probs.detach().to("cpu", torch.float64, copy=True).numpy()
 
 
 def _describe(exc: BaseException) -> str:

@@ -84,3 +84,31 @@ def test_pad_batch_matches_a_row_by_row_padding():
     assert mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
     empty_ids, empty_mask = pad_batch([[]], 1, 3)
     assert empty_ids.tolist() == [[3]] and empty_mask.tolist() == [[0]]
+
+
+def _greedy_plan(lengths, max_batch_tokens, max_batch_size):
+    """The item-by-item greedy cut plan_batches replaced (reference for the per-batch cut)."""
+    from nlpstream.inference.batching import Batch
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current, longest = [], [], 0
+    for idx in order:
+        length = max(1, lengths[idx])
+        if current and (len(current) + 1 > max_batch_size or max(longest, length) * (len(current) + 1) > max_batch_tokens):
+            batches.append(Batch(tuple(current), longest))
+            current, longest = [], 0
+        current.append(idx)
+        longest = max(longest, length)
+    if current:
+        batches.append(Batch(tuple(current), longest))
+    return batches
+
+
+def test_plan_batches_equals_the_item_by_item_greedy_cut():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, 2, rng.randint(1, 40), rng.randint(1, 600)]) for _ in range(rng.randint(0, 120))]
+        tokens, size = rng.choice([1, 7, 64, 512, 2048]), rng.choice([1, 3, 32, 1024])
+        assert plan_batches(lengths, tokens, size) == _greedy_plan(lengths, tokens, size)

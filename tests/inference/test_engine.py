@@ -211,4 +211,19 @@ def test_direct_tokenizer_backend_gives_the_transformers_ids(engine):
         texts, truncation=True, max_length=engine.max_length, add_special_tokens=True,
         return_attention_mask=False, return_token_type_ids=False)["input_ids"]]
     assert engine.tokenize(texts) == expected
+    assert engine._encode(texts).tolist() == expected, "the flat ids of a call read back as the same lists"
     assert max(len(x) for x in expected) == engine.max_length
+
+
+def test_a_large_call_in_parts_equals_one_plan(engine):
+    from nlpstream.inference.bench import make_corpus
+
+    texts = make_corpus(200, seed=9) + TEXTS + TEXTS[:3]
+    with Engine(engine.bundle, ["cpu"], "fp32", cache_entries=0, min_agreement=0) as parts:
+        parts._part_texts = 32  # 212 texts in 7 parts, tokenized on the helper thread
+        got, tokens = parts.classify_counted(texts)
+    want, want_tokens = engine.classify_counted(texts)
+    assert tokens == want_tokens
+    assert [p.label for p in got] == [p.label for p in want]
+    for a, b in zip(got, want):  # other batch shapes: the same probabilities up to float rounding
+        assert a.probs == pytest.approx(b.probs, abs=1e-5)

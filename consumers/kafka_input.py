@@ -46,15 +46,10 @@ class ConsumerSettings:
 
 def to_input_record(r: Any) -> InputRecord:
     """kafka-python's ConsumerRecord as plain data (a missing or negative timestamp becomes 0)."""
-    return InputRecord(
-        topic=r.topic,
-        partition=r.partition,
-        offset=r.offset,
-        key=r.key,
-        value=r.value,
-        timestamp_ms=int(r.timestamp) if r.timestamp is not None and r.timestamp >= 0 else 0,
-        headers=tuple((k, v) for k, v in (r.headers or [])),
-    )
+    timestamp, headers = r.timestamp, r.headers  # positional below: one call per message on the stream path
+    return InputRecord(r.topic, r.partition, r.offset, r.key, r.value,
+                       int(timestamp) if timestamp is not None and timestamp >= 0 else 0,
+                       tuple((k, v) for k, v in headers) if headers else ())
 
 
 class _Listener(ConsumerRebalanceListener):

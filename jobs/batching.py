@@ -160,18 +160,19 @@ class Batches:
             rows: list[OutputRow] = []
             labeled: list[LabeledMessage] = []
             key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
+            model = self._engine.model_name
             for decoded, result in zip(good, results):
                 rec = decoded.record
                 if isinstance(result, BaseException):
                     self._checkpoint.dead_letter(rec, *inference_failure(result))
                     continue
-                row = output_row(decoded, result, processed_at, self._engine.model_name)
+                row = output_row(decoded, result, processed_at, model)
                 event_ms = row.event_time_ms
                 floor = self._rows_floor((rec.topic, rec.partition))
                 if floor is None or rec.offset >= floor:  # below: the files hold its row; alerts are sent again
                     rows.append(row)
                 key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
-                heads = {name: (label, score) for name, label, score in row.heads}
+                heads = {name: (label, score) for name, label, score in row.heads} if row.heads else {}
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
                                               result.score, event_ms, None if key is None else str(key), heads))
             self._checkpoint.write_rows(rows)

@@ -26,6 +26,7 @@ from nlpstream.consumers import InputRecord
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
 from nlpstream.jobs import metrics
 from nlpstream.jobs.shared import LOGGER_NAME, MAX_BACKOFF_S, TP, SharedState
+from nlpstream.sinks import OutputRow
 from nlpstream.jobs.transactions import TransactionError
 from nlpstream.sinks import AlertSink, OutputRow, SinkError
 
@@ -46,7 +47,7 @@ class Checkpoint:
         self._dlq = dlq
         self._alert_sinks = list(alert_sinks)
         self._on_txn_failed = on_txn_failed
-        self._buffered_rows: list[tuple[str, int, int, str]] = []  # (topic, partition, event ms, label) not yet durable
+        self._buffered_rows: list[OutputRow] = []  # written to the sink, not yet durable
         self._dlq_pending: list[tuple[str, str]] = []  # (topic, reason)
         self._alerts_pending = 0
         self._flush_failing_since: float | None = None  # monotonic start of a sink outage (one WARNING each)
@@ -61,7 +62,7 @@ class Checkpoint:
 
     def write_rows(self, rows: list[OutputRow]) -> None:
         self._state.sink.write(rows)
-        self._buffered_rows.extend((r.topic, r.partition, r.event_time_ms, r.label) for r in rows)
+        self._buffered_rows.extend(rows)
 
     def write_alerts(self, alerts: Sequence[Any]) -> None:
         for alert in alerts:
@@ -80,7 +81,7 @@ class Checkpoint:
         state = self._state
         dropped = state.sink.discard(topic, partition)
         state.ledger.discard((topic, partition))
-        self._buffered_rows = [row for row in self._buffered_rows if (row[0], row[1]) != (topic, partition)]
+        self._buffered_rows = [row for row in self._buffered_rows if row.partition != partition or row.topic != topic]
         if dropped:
             log.info("dropped %d rows of %s-%d that were not durable yet; they will be redelivered",
                      dropped, topic, partition)
@@ -111,10 +112,10 @@ class Checkpoint:
         now_ms = time.time() * 1000
         rows = self._buffered_rows
         summary = state.summary
-        summary.labels.update(row[3] for row in rows)
-        for topic, n in Counter(row[0] for row in rows).items():
+        summary.labels.update(row.label for row in rows)
+        for topic, n in Counter(row.topic for row in rows).items():
             metrics.LABELED.labels(topic).inc(n)
-        metrics.observe_many(metrics.END_TO_END_SECONDS, [max(0.0, (now_ms - row[2]) / 1000) for row in rows])
+        metrics.observe_many(metrics.END_TO_END_SECONDS, [max(0.0, (now_ms - row.event_time_ms) / 1000) for row in rows])
         for topic, reason in self._dlq_pending:
             metrics.DEAD_LETTERED.labels(topic, reason).inc()
         summary.labeled += len(self._buffered_rows)

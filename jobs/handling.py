@@ -9,6 +9,7 @@ written the same way whichever job reads it.
 from __future__ import annotations
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers.decode import decode_json_fast
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
@@ -25,9 +26,10 @@ def decode_batch(records: list[InputRecord], settings: DecodeSettings
     """
     good: list[DecodedText] = []
     undecodable: list[tuple[InputRecord, DecodeError]] = []
+    decode = decode_json_fast if settings.input_format == "json" and settings.registry is None else decode_record
     for record in records:
         try:
-            good.append(decode_record(record, settings))
+            good.append(decode(record, settings))
         except DecodeError as exc:
             undecodable.append((record, exc))
     return good, undecodable
@@ -49,6 +51,7 @@ def output_row(decoded: DecodedText, result: Prediction, processed_at_ms: int, m
     The event time is the record's Kafka timestamp, or ``processed_at_ms`` when it has none.
     """
     rec = decoded.record
-    heads = tuple((name, h.label, h.score) for name, h in getattr(result, "heads", {}).items())
+    more = getattr(result, "heads", None)
+    heads = tuple((name, h.label, h.score) for name, h in more.items()) if more else ()
     return OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label, result.score,
                      rec.timestamp_ms or processed_at_ms, processed_at_ms, model, heads=heads)

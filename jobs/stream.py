@@ -44,6 +44,7 @@ from nlpstream.jobs.alerts import AlertRules
 from nlpstream.jobs.batching import Batches
 from nlpstream.jobs.checkpoint import Checkpoint
 from nlpstream.jobs.config import StreamConfig
+from nlpstream.jobs.gc_tuning import tuned_gc
 from nlpstream.jobs.liveness import STALL_EXIT_CODE, Liveness
 from nlpstream.jobs.rebalance import Rebalance, read_files_end
 from nlpstream.jobs.registry_gate import RegistryGate
@@ -122,6 +123,8 @@ class StreamJob:
         next_flush_try = 0.0
         liveness.heartbeat()
         liveness.start_watchdog()
+        gc_settings = tuned_gc(cfg.gc_tuning)
+        gc_settings.__enter__()  # after the model is loaded: it is frozen out of the collector's scans
         try:
             while not self._stop.is_set():
                 liveness.heartbeat()
@@ -176,6 +179,7 @@ class StreamJob:
             self._final_flush()
             raise
         finally:
+            gc_settings.__exit__(None, None, None)
             liveness.finished()
             self._close()
             self.summary.seconds = time.monotonic() - started

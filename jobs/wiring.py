@@ -32,6 +32,7 @@ from nlpstream.jobs.shared import LOGGER_NAME
 from nlpstream.jobs.transactions import PartitionTransactions
 from nlpstream.sinks import (AlertSink, DeltaSink, FileAlertSink, IcebergSink, KafkaAlertSink, ParquetSink,
                              WebhookAlertSink, check_output)
+from nlpstream.sinks.schema import warm_up_arrow
 
 log = logging.getLogger(LOGGER_NAME)
 DEAD_LETTER_REASONS = (*DECODE_KINDS, "inference")  # the ``reason`` label of nlpstream_messages_dead_lettered_total
@@ -84,7 +85,9 @@ def check_and_build_sink(cfg: StreamConfig, engine: Engine | None, rules: AlertR
         check_engine_options(**cfg.model.engine_options())
     head_names = engine_head_names(engine, cfg.model.model)
     rules.check_heads(head_names)
-    return build_sink(cfg.output, head_names[1:])  # a table's columns and catalog checked here
+    sink = build_sink(cfg.output, head_names[1:])  # a table's columns and catalog checked here
+    warm_up_arrow()
+    return sink
 
 
 @dataclass

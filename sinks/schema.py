@@ -68,6 +68,11 @@ def arrow_schema(include_text: bool = True, heads: Sequence[str] = ()) -> pa.Sch
     return pa.schema(fields)
 
 
+def warm_up_arrow() -> None:
+    """Build one empty table now: pyarrow imports pandas on its first array (~0.7 s here), else in the first flush."""
+    to_table([])
+
+
 def to_table(rows: Sequence[OutputRow], include_text: bool = True) -> pa.Table:
     """Rows -> Arrow table with :func:`arrow_schema` (order kept); the first row names the heads."""
     columns: dict[str, list[object]] = {"id": [r.id for r in rows]}

@@ -33,6 +33,36 @@ def _docker_answers() -> bool:
         return False
 
 
+def warm_group_coordinator(bootstrap: str) -> None:
+    """Commit once for a throwaway group, so a fresh broker's ``__consumer_offsets`` exists before the first test.
+
+    Otherwise the first group of a session meets the coordinator while that topic is being created, and
+    kafka-python logs WARNINGs (NotCoordinatorError) that tests asserting quiet logs would see.
+    """
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka.admin import NewTopic
+    from kafka.structs import OffsetAndMetadata
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic("nlpstream-tests-warm-up", 1, 1)])
+    finally:
+        admin.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id="nlpstream-tests-warm-up", enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                consumer.commit({TopicPartition("nlpstream-tests-warm-up", 0): OffsetAndMetadata(0, "", -1)})
+                return
+            except Exception:  # noqa: BLE001 - the coordinator is still loading; fail below only if it never does
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        consumer.close()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -50,6 +80,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("kafka-broker")
     info = kafka_local.start(data, port=0, timeout_s=120)
     try:
+        warm_group_coordinator(info.bootstrap_servers)
         yield info.bootstrap_servers
     finally:
         kafka_local.stop(data)

@@ -117,15 +117,15 @@ class StreamJob:
         if parts.registry is not None:
             self._gate = RegistryGate(state, parts.registry, self._liveness)
         liveness = self._liveness
-        state.input = self._new_input()
-        last_flush = last_input = time.monotonic()
-        backoff = 0.0
-        next_flush_try = 0.0
-        liveness.heartbeat()
-        liveness.start_watchdog()
         gc_settings = tuned_gc(cfg.gc_tuning)
         gc_settings.__enter__()  # after the model is loaded: it is frozen out of the collector's scans
         try:
+            state.input = self._new_input()  # inside: a consumer that cannot be made still closes the parts
+            last_flush = last_input = time.monotonic()
+            backoff = 0.0
+            next_flush_try = 0.0
+            liveness.heartbeat()
+            liveness.start_watchdog()
             while not self._stop.is_set():
                 liveness.heartbeat()
                 polled_at = time.monotonic()

@@ -11,6 +11,7 @@ returning it as :class:`Parts`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,30 +118,38 @@ def wire(cfg: StreamConfig, engine: Engine | None) -> Parts:
     conn = connection_settings(cfg)
     quiet_topic_creation([cfg.dlq_topic(), cfg.alerts.alert_topic])
     wait_for_kafka(conn, cfg.kafka.startup_timeout, log)
-    if engine is None:
-        engine = load_engine(**cfg.model.engine_options())
-    dlq = DeadLetterQueue(conn, cfg.dlq_topic())
-    alert_sinks: list[AlertSink] = []
-    alert_producer = None
-    if cfg.alerts.alert_file:
-        alert_sinks.append(FileAlertSink(cfg.alerts.alert_file))
-    if cfg.alerts.alert_webhook_url:
-        token = cfg.alerts.alert_webhook_token
-        auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
-        alert_sinks.append(WebhookAlertSink(cfg.alerts.alert_webhook_url, headers=auth))
-    txn = None
-    if cfg.kafka.transactions:
-        prefix = cfg.kafka.transactional_id_prefix or f"nlpstream-{cfg.kafka.group_id}"
-        txn = PartitionTransactions(conn, prefix, cfg.kafka.group_id, cfg.dlq_topic(), cfg.alerts.alert_topic)
-    if cfg.alerts.alert_topic and txn is None:
-        from kafka import KafkaProducer
-        from kafka.errors import KafkaError
+    with contextlib.ExitStack() as built:  # what was built is closed again when a later part fails
+        if engine is None:
+            engine = load_engine(**cfg.model.engine_options())
+            built.callback(engine.close)
+        dlq = DeadLetterQueue(conn, cfg.dlq_topic())
+        built.callback(dlq.close)
+        alert_sinks: list[AlertSink] = []
+        alert_producer = None
+        if cfg.alerts.alert_file:
+            alert_sinks.append(FileAlertSink(cfg.alerts.alert_file))
+            built.callback(alert_sinks[-1].close)
+        if cfg.alerts.alert_webhook_url:
+            token = cfg.alerts.alert_webhook_token
+            auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+            alert_sinks.append(WebhookAlertSink(cfg.alerts.alert_webhook_url, headers=auth))
+            built.callback(alert_sinks[-1].close)
+        txn = None
+        if cfg.kafka.transactions:
+            prefix = cfg.kafka.transactional_id_prefix or f"nlpstream-{cfg.kafka.group_id}"
+            txn = PartitionTransactions(conn, prefix, cfg.kafka.group_id, cfg.dlq_topic(), cfg.alerts.alert_topic)
+            built.callback(txn.close)
+        if cfg.alerts.alert_topic and txn is None:
+            from kafka import KafkaProducer
+            from kafka.errors import KafkaError
 
-        try:
-            alert_producer = KafkaProducer(**conn.kafka_kwargs(), acks="all")
-        except (KafkaError, OSError) as exc:
-            raise KafkaUnavailableError(f"alert producer: {connect_error(conn, exc)}") from exc
-        alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic))
+            try:
+                alert_producer = KafkaProducer(**conn.kafka_kwargs(), acks="all")
+            except (KafkaError, OSError) as exc:
+                raise KafkaUnavailableError(f"alert producer: {connect_error(conn, exc)}") from exc
+            built.callback(alert_producer.close)
+            alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic))
+        built.pop_all()  # every part built: the job closes them
     settings = ConsumerSettings(
         topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,
         auto_offset_reset=cfg.kafka.auto_offset_reset, max_poll_records=cfg.kafka.max_poll_records,

@@ -404,3 +404,38 @@ def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(
         job.stop()
         runner.join(timeout=90)
     assert sorted(read_output(tmp_path).column("offset").to_pylist()) == list(range(n))
+
+
+def test_a_part_that_cannot_be_built_closes_the_parts_built_before_it(kafka_bootstrap, unique, tmp_path, engine,
+                                                                     monkeypatch):
+    """The alert topic's producer fails after the DLQ producer and the file alert sink exist: both are closed."""
+    import kafka
+    from kafka.errors import NoBrokersAvailable
+
+    from nlpstream.consumers.errors import KafkaUnavailableError
+    from nlpstream.jobs import wiring
+
+    closed: list[str] = []
+
+    class TrackedDLQ(wiring.DeadLetterQueue):
+        def close(self) -> None:
+            closed.append("dlq")
+            super().close()
+
+    class TrackedFileAlerts(wiring.FileAlertSink):
+        def close(self) -> None:
+            closed.append("alert file")
+            super().close()
+
+    def refused(**_: object) -> None:
+        raise NoBrokersAvailable()
+
+    monkeypatch.setattr(wiring, "DeadLetterQueue", TrackedDLQ)
+    monkeypatch.setattr(wiring, "FileAlertSink", TrackedFileAlerts)
+    monkeypatch.setattr(kafka, "KafkaProducer", refused)
+    cfg = config(kafka_bootstrap, unique, tmp_path / "out",
+                 alerts=AlertConfig(message_min_score=None, alert_topic=f"{unique}.alerts",
+                                    alert_file=str(tmp_path / "alerts.jsonl")))
+    with pytest.raises(KafkaUnavailableError, match="alert producer"):
+        StreamJob(cfg, engine=engine).run()
+    assert sorted(closed) == ["alert file", "dlq"]

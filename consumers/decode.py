@@ -17,7 +17,7 @@ from nlpstream.consumers.records import DecodedText, InputRecord
 
 InputFormat = Literal["text", "json", "avro", "json-schema", "protobuf"]
 _MISSING = object()
-_FAST_JSON = msgspec.json.Decoder()  # ~6x the stdlib's json.loads on a short chat message (see decode_json_fast)
+_FAST_JSON = msgspec.json.Decoder()  # see decode_record
 _FAST_JSON_FAILS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
@@ -73,7 +73,32 @@ def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
     Returns the text and id; raises :class:`DecodeError` (never anything
     else) when the value is null/empty, not UTF-8, not a JSON object, or its
     text field is missing, not a string or blank.
+
+    JSON values without a registry are parsed by msgspec first (~6x the
+    standard library on a short chat message), with the same result and the
+    same error for every value: msgspec only refuses where the standard
+    library might accept (``NaN``, ``1e400``, lone ``\\ud800`` escapes, invalid
+    UTF-8, a byte-order mark, malformed JSON) and never accepts what it
+    refuses, keeps integers of any size and rounds floats the same way;
+    whatever it refuses, or that is not an object, takes the standard
+    library's path with its exact error. The one edge where they may differ
+    is a value nested ~990 levels deep, where both stop at the interpreter's
+    recursion limit a few levels apart (and where the standard library stops
+    already moves with the caller's stack).
     """
+    value = record.value
+    if value and settings.input_format == "json" and settings.registry is None:
+        try:
+            obj = _FAST_JSON.decode(value)
+        except _FAST_JSON_FAILS:
+            obj = None
+        if type(obj) is dict:
+            return _from_object(record, obj, settings, "JSON object")
+    return _decode_stdlib(record, settings)
+
+
+def _decode_stdlib(record: InputRecord, settings: DecodeSettings) -> DecodedText:
+    """:func:`decode_record` with the standard library's JSON parser only: every error kind and message."""
     if record.value is None or len(record.value) == 0:
         raise DecodeError("empty_value", "record value is null or empty")
     if settings.registry is not None:
@@ -116,26 +141,3 @@ def _from_object(record: InputRecord, obj: dict[str, Any], settings: DecodeSetti
         msg_id = _fallback_id(record)
     return DecodedText(record=record, id=msg_id, text=text, fields=_scalar_fields(obj, settings.text_field))
 
-
-def decode_json_fast(record: InputRecord, settings: DecodeSettings) -> DecodedText:
-    """:func:`decode_record` for JSON values without a registry, parsed by msgspec where it can.
-
-    The same result and the same :class:`DecodeError` as ``decode_record``
-    for every value: msgspec only refuses where the standard library might
-    accept (``NaN``, ``1e400``, lone ``\\ud800`` escapes, invalid UTF-8, a
-    byte-order mark, malformed JSON) and never accepts what it refuses, keeps
-    integers of any size, and rounds floats the same way; whatever it refuses,
-    or that is not an object, takes ``decode_record``'s path with its exact
-    error. The one edge where they may differ is a value nested ~990 levels
-    deep, where both stop at the interpreter's recursion limit a few levels
-    apart (and where the stdlib stops already moves with the caller's stack).
-    """
-    value = record.value
-    if value:
-        try:
-            obj = _FAST_JSON.decode(value)
-        except _FAST_JSON_FAILS:
-            obj = None
-        if type(obj) is dict:
-            return _from_object(record, obj, settings, "JSON object")
-    return decode_record(record, settings)

@@ -9,7 +9,6 @@ written the same way whichever job reads it.
 from __future__ import annotations
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
-from nlpstream.consumers.decode import decode_json_fast
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
@@ -26,10 +25,9 @@ def decode_batch(records: list[InputRecord], settings: DecodeSettings
     """
     good: list[DecodedText] = []
     undecodable: list[tuple[InputRecord, DecodeError]] = []
-    decode = decode_json_fast if settings.input_format == "json" and settings.registry is None else decode_record
     for record in records:
         try:
-            good.append(decode(record, settings))
+            good.append(decode_record(record, settings))
         except DecodeError as exc:
             undecodable.append((record, exc))
     return good, undecodable

@@ -86,15 +86,19 @@ def test_pad_batch_matches_a_row_by_row_padding():
     assert empty_ids.tolist() == [[3]] and empty_mask.tolist() == [[0]]
 
 
-def _greedy_plan(lengths, max_batch_tokens, max_batch_size):
-    """The item-by-item greedy cut plan_batches replaced (reference for the per-batch cut)."""
+def _greedy_plan(lengths, max_batch_tokens, max_batch_size, pad_tolerance=None):
+    """The item-by-item greedy cut (reference for plan_batches' per-batch cut); with ``pad_tolerance``,
+    a batch of at least max_batch_tokens / 16 padded tokens takes no text shorter than (1 - tolerance) x its longest."""
     from nlpstream.inference.batching import Batch
 
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches, current, longest = [], [], 0
     for idx in order:
         length = max(1, lengths[idx])
-        if current and (len(current) + 1 > max_batch_size or max(longest, length) * (len(current) + 1) > max_batch_tokens):
+        too_short = (pad_tolerance is not None and longest * len(current) >= max_batch_tokens / 16
+                     and lengths[idx] < (1 - pad_tolerance) * longest)
+        if current and (too_short or len(current) + 1 > max_batch_size
+                        or max(longest, length) * (len(current) + 1) > max_batch_tokens):
             batches.append(Batch(tuple(current), longest))
             current, longest = [], 0
         current.append(idx)
@@ -111,4 +115,22 @@ def test_plan_batches_equals_the_item_by_item_greedy_cut():
     for _ in range(300):
         lengths = [rng.choice([0, 1, 2, rng.randint(1, 40), rng.randint(1, 600)]) for _ in range(rng.randint(0, 120))]
         tokens, size = rng.choice([1, 7, 64, 512, 2048]), rng.choice([1, 3, 32, 1024])
-        assert plan_batches(lengths, tokens, size) == _greedy_plan(lengths, tokens, size)
+        assert plan_batches(lengths, tokens, size, pad_tolerance=None) == _greedy_plan(lengths, tokens, size)
+        tolerance = rng.choice([0.0, 0.1, 0.5])
+        assert plan_batches(lengths, tokens, size, pad_tolerance=tolerance) == _greedy_plan(lengths, tokens, size, tolerance)
+    assert plan_batches([9, 10, 20], 1 << 20, 8) == plan_batches([9, 10, 20], 1 << 20, 8, pad_tolerance=0.1)
+
+
+def test_a_small_call_pads_little_with_the_tolerance_cut():
+    """A micro-batch of 512 texts: the plain cut pads the long tail's batches to their longest text."""
+    rng = random.Random(3)
+    lengths = [min(256, int(rng.lognormvariate(3.2, 0.7)) + 2) for _ in range(512)]
+    for tokens, size, most in ((2048, 32, 0.1), (65536, 1024, 0.3)):  # the GPU budget's 1/16 is 4096 tokens
+        plain = plan_batches(lengths, tokens, size, pad_tolerance=None)
+        cut = plan_batches(lengths, tokens, size)
+        assert padding_share(lengths, cut) < most
+        assert padding_share(lengths, cut) < padding_share(lengths, plain) / 2
+        assert all(b.padded_tokens <= tokens and len(b.indices) <= size for b in cut)
+        for b in cut:  # a batch holding a text padded by more than 10% is one still under 1/16 of the budget
+            if any(lengths[i] < 0.9 * b.padded_length for i in b.indices):
+                assert b.padded_length * (len(b.indices) - 1) < tokens / 16

@@ -394,34 +394,33 @@ class Engine:
     def _predictions(self, probs: np.ndarray, failed: dict[int, str]) -> list[Prediction | TextError]:
         """One Prediction per row of ``probs`` (a TextError for the rows in ``failed``).
 
-        Labels and scores come from array operations over all rows at once, and
-        each row is read from column lists, so no list per row is made (only the
-        Predictions stay alive: fewer objects for the garbage collector to
-        promote, and fewer full collections over the whole process). A row
+        Labels and scores come from array operations over all rows at once;
+        each row's ``probs`` dict is zipped from that row's list (measured:
+        2.4 us a text against 4.3 us for a dict built from column lists). A row
         holding a NaN or an infinity (none should reach here) goes through
         :meth:`_prediction` as before.
         """
         finite = np.isfinite(probs).all(axis=1).tolist()
-        columns = probs.T.tolist()
-        heads = []  # per head: labels, argmax and max of every row, its columns
+        heads = []  # per head: labels, and the argmax, max and values of every row
         for (_, labels), (a, b) in zip(self.heads, self._bounds):
             part = probs[:, a:b]
-            heads.append((labels, part.argmax(axis=1).tolist(), part.max(axis=1).tolist(), columns[a:b]))
+            heads.append((labels, part.argmax(axis=1).tolist(), part.max(axis=1).tolist(), part.tolist()))
         names = [name for name, _ in self.heads[1:]]
+        if not names and not failed and all(finite):  # the common case: one head, every row fine
+            labels, best, score, rows = heads[0]
+            return [Prediction(labels[b], s, dict(zip(labels, row))) for b, s, row in zip(best, score, rows)]
         out: list[Prediction | TextError] = []
         for i in range(len(probs)):
             if i in failed:
                 out.append(TextError(i, failed[i]))
             elif not finite[i]:
                 out.append(self._prediction(probs[i].tolist()))
-            elif not names:
-                labels, best, score, cols = heads[0]
-                out.append(Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)}))
             else:
-                preds = [Prediction(labels[best[i]], score[i], {label: col[i] for label, col in zip(labels, cols)})
-                         for labels, best, score, cols in heads]
+                preds = [Prediction(labels[best[i]], score[i], dict(zip(labels, rows[i])))
+                         for labels, best, score, rows in heads]
                 first = preds[0]
-                out.append(Prediction(first.label, first.score, first.probs, heads=dict(zip(names, preds[1:]))))
+                out.append(first if not names else
+                           Prediction(first.label, first.score, first.probs, heads=dict(zip(names, preds[1:]))))
         return out
 
     def _prediction(self, row: list[float]) -> Prediction:

@@ -138,6 +138,8 @@ def test_array_predictions_equal_row_by_row_predictions():
                 assert isinstance(p, TextError) and p.index == 26
             else:
                 assert p == eng._prediction(rows[i])
+        clean = probs[:20].tolist() + probs[27:].tolist()  # every row finite, none failed: the one-head fast path
+        assert eng._predictions(np.array(clean), {}) == [eng._prediction(r) for r in clean]
         margins = eng._margins(probs)
         assert [m for i, m in enumerate(margins.tolist()) if i != 26] == [
             eng._margin(r) for i, r in enumerate(rows) if i != 26]

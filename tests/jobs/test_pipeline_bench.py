@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.model]
 def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
     out = run_pipeline_bench(kafka_bootstrap, messages=3000, partitions=3, model_messages=120, echo=print)
     for key in ("bare_confluent_consumer_msgs_per_s", "job_instant_engine_msgs_per_s", "simulated_device_texts_per_s",
-                "engine_instant_runner_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
+                "engine_instant_runner_texts_per_s", "engine_instant_runner_cpu_limits_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
                 "model_job_msgs_per_s", "decode_json_records_per_s", "decode_avro_records_per_s",
                 "decode_json_schema_records_per_s", "decode_protobuf_records_per_s"):
         assert out[key] > 0, key

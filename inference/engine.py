@@ -546,8 +546,8 @@ class Engine:
             self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-tokenize")
         helper = self._tokenizer_thread
 
-        def tokenize(k: int) -> Future[tuple[TokenIds, dict[int, str]]]:
-            return helper.submit(self._tokenize_each, [texts[i] for i in parts[k]])
+        def tokenize(k: int) -> Future[Callable[[], tuple[TokenIds, dict[int, str]]]]:
+            return helper.submit(self._tokenize_part, [texts[i] for i in parts[k]])
 
         out = np.full((len(texts), sum(self.segments)), np.nan)
         bad: dict[int, str] = {}
@@ -555,9 +555,10 @@ class Engine:
         upcoming = tokenize(0)
         try:
             for k, part in enumerate(parts):
-                ids, refused = upcoming.result()
+                read_ids = upcoming.result()
                 if k + 1 < len(parts):
                     upcoming = tokenize(k + 1)
+                ids, refused = read_ids()  # here, while the helper thread encodes the next part
                 rows, failed, part_tokens = self._classify_part(ids, refused)
                 out[part] = rows
                 bad.update((part[j], reason) for j, reason in failed.items())
@@ -565,6 +566,27 @@ class Engine:
         finally:
             wait([upcoming])  # nothing of this call runs on after it returns or raises
         return out, bad, tokens
+
+    def _tokenize_part(self, texts: list[str]) -> Callable[[], tuple[TokenIds, dict[int, str]]]:
+        """On the helper thread: the Rust tokenizer's encodings of one part; returns the function that
+        reads their ids (:meth:`_tokenize_each`'s answer), called on the caller's thread.
+
+        Reading the ids holds the GIL (a list per text), so the caller does it
+        while the helper thread encodes the next part: measured, the encoding
+        runs on both cores of this machine and the reading on one. Without a
+        Rust backend, or when the tokenizer raises on the part, the part goes
+        through :meth:`_tokenize_each` here.
+        """
+        backend = self._backend
+        if backend is not None:
+            try:
+                encodings = backend.encode_batch(self._clip(texts), add_special_tokens=True)
+            except Exception:  # noqa: BLE001 - _tokenize_each isolates the texts the tokenizer refuses
+                pass
+            else:
+                return lambda: (TokenIds.from_encodings(encodings), {})
+        answer = self._tokenize_each(texts)
+        return lambda: answer
 
     def _pad(self, ids: Sequence[Sequence[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of one batch, built with array operations, not per row."""

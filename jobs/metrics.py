@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -76,12 +77,17 @@ def serve_metrics(host: str, port: int) -> int:
 
     Raises MetricsPortError when the address cannot be bound (port taken, bad host).
     """
+    return int(start_metrics_server(host, port).server_address[1])
+
+
+def start_metrics_server(host: str, port: int) -> Any:
+    """:func:`serve_metrics`, returning the server (``shutdown()`` and ``server_close()`` stop it)."""
     try:
         server, _thread = start_http_server(port, addr=host)
     except OSError as exc:
         raise MetricsPortError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
                                "set metrics.metrics_port (0 picks a free port)") from exc
-    return int(server.server_address[1])
+    return server
 
 
 class MetricsPortError(RuntimeError):

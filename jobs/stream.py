@@ -104,10 +104,20 @@ class StreamJob:
         # cheap checks first: a mistake costs one line, not a model load or a wait for Kafka
         self._sink = state.sink = check_and_build_sink(cfg, self._engine, self._rules)
         metrics.init_series(cfg.kafka.topics, DEAD_LETTER_REASONS)
+        server = None
         if cfg.metrics.metrics_port is not None:
-            self.metrics_port = metrics.serve_metrics(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
+            server = metrics.start_metrics_server(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
+            self.metrics_port = int(server.server_address[1])
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
-        parts = self._parts = wire(cfg, self._engine)
+        try:
+            parts = self._parts = wire(cfg, self._engine)
+        except BaseException:
+            # the job never ran: free the port, so a caller that fixes the cause can run it again in-process
+            # (once the job has run, /metrics stays up after run() returns, for a last scrape)
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            raise
         self._engine = parts.engine
         state.txn = parts.txn
         checkpoint = self._checkpoint = Checkpoint(state, parts.dlq, parts.alert_sinks, self._txn_failed)

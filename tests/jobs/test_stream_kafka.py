@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -436,6 +437,11 @@ def test_a_part_that_cannot_be_built_closes_the_parts_built_before_it(kafka_boot
     cfg = config(kafka_bootstrap, unique, tmp_path / "out",
                  alerts=AlertConfig(message_min_score=None, alert_topic=f"{unique}.alerts",
                                     alert_file=str(tmp_path / "alerts.jsonl")))
+    cfg.metrics.metrics_port = 0
+    job = StreamJob(cfg, engine=engine)
     with pytest.raises(KafkaUnavailableError, match="alert producer"):
-        StreamJob(cfg, engine=engine).run()
+        job.run()
     assert sorted(closed) == ["alert file", "dlq"]
+    assert job.metrics_port  # /metrics was served before the wiring failed, and its port is free again
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", job.metrics_port)) != 0

@@ -43,6 +43,7 @@ class Batches:
         self._rules = rules
         self._checkpoint = checkpoint
         self._rows_floor = rows_floor
+        self._key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
         self._classifier: ThreadPoolExecutor | None = None
         if self.config.pipeline_depth > 0:
             self._classifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-classify")
@@ -159,7 +160,7 @@ class Batches:
             processed_at = int(time.time() * 1000)
             rows: list[OutputRow] = []
             labeled: list[LabeledMessage] = []
-            key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
+            key_fields = self._key_fields
             model = self._engine.model_name
             for decoded, result in zip(good, results):
                 rec = decoded.record

@@ -45,28 +45,28 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
 
     With ``pad_tolerance`` (default 0.1), a batch that already holds
     ``max_batch_tokens / 16`` padded tokens takes no text shorter than
-    ``(1 - pad_tolerance)`` of its longest: a call of a few hundred texts
-    then pads about as little as a call of thousands, at the price of a few
-    more, smaller batches. On the bench's texts in calls of 512 (a stream
-    job's micro-batch), 11% of the padded tokens were padding with the plain
-    cut and CPU budgets, 4% with this one; with GPU budgets 77% and 24%. ``None`` gives the plain cut (full batches only).
+    ``(1 - pad_tolerance)`` of its longest (lengths below 1 count as 1): a
+    call of a few hundred texts then pads about as little as a call of
+    thousands, at the price of a few more, smaller batches. ``None`` or a
+    tolerance of 1 or more gives the plain cut (full batches only); a
+    negative or NaN tolerance raises ValueError.
     """
     if max_batch_tokens <= 0 or max_batch_size <= 0:
         raise ValueError(f"max_batch_tokens ({max_batch_tokens}) and max_batch_size ({max_batch_size}) must be positive")
+    if pad_tolerance is not None and not pad_tolerance >= 0:
+        raise ValueError(f"pad_tolerance ({pad_tolerance}) must be 0 or more, or None")
     # longest first, ties in index order (a reverse sort keeps equal keys in their original order)
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    cut = pad_tolerance is not None and pad_tolerance < 1
-    if cut:
-        keep = 1.0 - float(pad_tolerance)  # type: ignore[arg-type]
-        descending = [lengths[i] for i in order]
-        min_fill = max_batch_tokens / MIN_FILL_DIVISOR
+    keep = None if pad_tolerance is None or pad_tolerance >= 1 else 1.0 - pad_tolerance
+    descending = [max(1, lengths[i]) for i in order] if keep is not None else []
+    min_fill = max_batch_tokens / MIN_FILL_DIVISOR
     batches: list[Batch] = []
     start = 0
     while start < len(order):
         # the first text of a batch is its longest, so its size follows from that length alone
         longest = max(1, lengths[order[start]])
         size = max(1, min(max_batch_size, max_batch_tokens // longest))
-        if cut and size > 1:
+        if keep is not None and size > 1:
             filled = start + math.ceil(min_fill / longest)  # texts taken whatever their length
             if filled < start + size:
                 # texts at least keep x longest long form a prefix of what follows (lengths descend)

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from nlpstream.inference.batching import plan_batches, padding_share
+from nlpstream.inference.batching import Batch, padding_share, plan_batches
 
 
 def test_every_index_once_and_limits_hold():
@@ -95,8 +95,8 @@ def _greedy_plan(lengths, max_batch_tokens, max_batch_size, pad_tolerance=None):
     batches, current, longest = [], [], 0
     for idx in order:
         length = max(1, lengths[idx])
-        too_short = (pad_tolerance is not None and longest * len(current) >= max_batch_tokens / 16
-                     and lengths[idx] < (1 - pad_tolerance) * longest)
+        too_short = (pad_tolerance is not None and pad_tolerance < 1 and longest * len(current) >= max_batch_tokens / 16
+                     and length < (1 - pad_tolerance) * longest)
         if current and (too_short or len(current) + 1 > max_batch_size
                         or max(longest, length) * (len(current) + 1) > max_batch_tokens):
             batches.append(Batch(tuple(current), longest))
@@ -116,9 +116,16 @@ def test_plan_batches_equals_the_item_by_item_greedy_cut():
         lengths = [rng.choice([0, 1, 2, rng.randint(1, 40), rng.randint(1, 600)]) for _ in range(rng.randint(0, 120))]
         tokens, size = rng.choice([1, 7, 64, 512, 2048]), rng.choice([1, 3, 32, 1024])
         assert plan_batches(lengths, tokens, size, pad_tolerance=None) == _greedy_plan(lengths, tokens, size)
-        tolerance = rng.choice([0.0, 0.1, 0.5])
+        tolerance = rng.choice([0.0, 0.1, 0.5, 1.0, 1.5])
         assert plan_batches(lengths, tokens, size, pad_tolerance=tolerance) == _greedy_plan(lengths, tokens, size, tolerance)
-    assert plan_batches([9, 10, 20], 1 << 20, 8) == plan_batches([9, 10, 20], 1 << 20, 8, pad_tolerance=0.1)
+    lengths = [30] * 10 + [20] * 10  # budget 640: the cut applies once a batch holds 40 tokens
+    assert plan_batches(lengths, 640, 32) == plan_batches(lengths, 640, 32, pad_tolerance=0.1) == [
+        Batch(tuple(range(10)), 30), Batch(tuple(range(10, 20)), 20)]
+    assert plan_batches(lengths, 640, 32, pad_tolerance=None) == [Batch(tuple(range(20)), 30)]
+    assert len(plan_batches([1] + [0] * 300, 2048, 1024)) == 1, "texts padded to 1 anyway are not cut"
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="pad_tolerance"):
+            plan_batches([1, 2], 100, 10, pad_tolerance=bad)
 
 
 def test_a_small_call_pads_little_with_the_tolerance_cut():

@@ -52,6 +52,11 @@ RunnerFactory = Callable[[str, torch.device], Runner]
 Capability = Callable[[torch.device], tuple[int, int]]
 
 
+# Engine's default batch limits (measured here: small batches keep CPU caches warm; GPUs want large ones)
+CPU_BATCH_LIMITS = {"max_batch_tokens": 2048, "max_batch_size": 32}
+GPU_BATCH_LIMITS = {"max_batch_tokens": 65536, "max_batch_size": 1024}
+
+
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     """Compute capability of one CUDA device (not device 0's for all)."""
     major, minor = torch.cuda.get_device_capability(device)
@@ -163,9 +168,8 @@ class Engine:
         self.model_name = bundle.name
         self.max_length = bundle.max_length
         on_gpu = any(str(d).startswith("cuda") for d in devices)
-        # measured here: small batches keep CPU caches warm; GPUs want large ones
-        max_batch_tokens = max_batch_tokens or (65536 if on_gpu else 2048)
-        self.max_batch_size = max_batch_size or (1024 if on_gpu else 32)
+        max_batch_tokens = max_batch_tokens or (GPU_BATCH_LIMITS if on_gpu else CPU_BATCH_LIMITS)["max_batch_tokens"]
+        self.max_batch_size = max_batch_size or (GPU_BATCH_LIMITS if on_gpu else CPU_BATCH_LIMITS)["max_batch_size"]
         self.long_text = long_text
         self.chunk_overlap = max(0, min(chunk_overlap, self.max_length // 2))
         self.max_batch_delay_ms = max_batch_delay_ms
@@ -176,9 +180,8 @@ class Engine:
             metrics.CACHE_REQUESTS.labels("hit")
             metrics.CACHE_REQUESTS.labels("miss")
         self._call_lock = threading.Lock()
-        # large calls are tokenized in parts of this many texts, the next part while the current one runs;
-        # with a GPU's limits (1024 texts a batch), parts of 4096 kept the host side 0.96-1.03x the
-        # tokenizer alone against 0.85-0.93x for 8192 and 0.86-0.94x for 2048 (alternating rounds, 50k texts)
+        # large calls are tokenized in parts of this many texts, the next part while the current one runs
+        # (4096 with a GPU's limits: measured faster than 8192 and 2048, see the README's "Inference engine")
         self._part_texts = max(2048, 4 * self.max_batch_size)
         self._tokenizer_thread: ThreadPoolExecutor | None = None
         self._collector: _Collector | None = None
@@ -472,15 +475,19 @@ class Engine:
         try:
             return self._encode(texts), {}
         except Exception:  # noqa: BLE001 - isolate the texts the tokenizer refuses
-            ids: list[list[int]] = []
-            errors: dict[int, str] = {}
-            for i, text in enumerate(texts):
-                try:
-                    ids.append(self.tokenize([text])[0])
-                except Exception as exc:  # noqa: BLE001 - reported for that text alone
-                    ids.append([])
-                    errors[i] = f"tokenizer: {type(exc).__name__}: {exc}"
-            return TokenIds.from_lists(ids), errors
+            return self._tokenize_one_by_one(texts)
+
+    def _tokenize_one_by_one(self, texts: list[str]) -> tuple[TokenIds, dict[int, str]]:
+        """:meth:`_tokenize_each` of texts the tokenizer raised on together: each alone."""
+        ids: list[list[int]] = []
+        errors: dict[int, str] = {}
+        for i, text in enumerate(texts):
+            try:
+                ids.append(self.tokenize([text])[0])
+            except Exception as exc:  # noqa: BLE001 - reported for that text alone
+                ids.append([])
+                errors[i] = f"tokenizer: {type(exc).__name__}: {exc}"
+        return TokenIds.from_lists(ids), errors
 
     def _classify_texts(self, texts: list[str]) -> tuple[np.ndarray, dict[int, str], int]:
         """Probabilities, one row per text (NaN where it failed), ``{index: reason}`` of failed texts, tokens computed."""
@@ -571,21 +578,22 @@ class Engine:
         """On the helper thread: the Rust tokenizer's encodings of one part; returns the function that
         reads their ids (:meth:`_tokenize_each`'s answer), called on the caller's thread.
 
-        Reading the ids holds the GIL (a list per text), so the caller does it
-        while the helper thread encodes the next part: measured, the encoding
-        runs on both cores of this machine and the reading on one. Without a
-        Rust backend, or when the tokenizer raises on the part, the part goes
-        through :meth:`_tokenize_each` here.
+        Reading the ids holds the GIL, so the caller does it while the helper
+        thread encodes the next part (at the peak, two parts' encodings are
+        alive). Without a Rust backend the part goes through
+        :meth:`_tokenize_each` here; texts of a part the tokenizer raised on
+        are tokenized one by one here.
         """
         backend = self._backend
-        if backend is not None:
+        if backend is None:
+            answer = self._tokenize_each(texts)
+        else:
             try:
                 encodings = backend.encode_batch(self._clip(texts), add_special_tokens=True)
-            except Exception:  # noqa: BLE001 - _tokenize_each isolates the texts the tokenizer refuses
-                pass
+            except Exception:  # noqa: BLE001 - isolate the texts the tokenizer refuses
+                answer = self._tokenize_one_by_one(texts)
             else:
                 return lambda: (TokenIds.from_encodings(encodings), {})
-        answer = self._tokenize_each(texts)
         return lambda: answer
 
     def _pad(self, ids: Sequence[Sequence[int]], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,58 @@ def test_parts_with_the_cache_serve_repeats():
         assert again == first and tokens > 0
 
 
+class FakeEncoding:
+    """What the Rust tokenizer's encode_batch gives per text: ``len`` and ``.ids`` (records the reading thread)."""
+
+    def __init__(self, ids: list[int], reads: list[str]) -> None:
+        self._ids, self._reads = ids, reads
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def ids(self) -> list[int]:
+        self._reads.append(threading.current_thread().name)
+        return self._ids
+
+
+class FakeBackend:
+    """A Rust-style backend over the refusing tokenizer: encode_batch raises on a list holding REFUSE."""
+
+    def __init__(self, max_length: int = 64) -> None:
+        self.tokenizer, self.max_length = RefusingTokenizer(), max_length
+        self.threads: list[str] = []
+        self.reads: list[str] = []
+
+    def encode_batch(self, texts, add_special_tokens=True):
+        self.threads.append(threading.current_thread().name)
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, add_special_tokens=True,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return [FakeEncoding(list(x), self.reads) for x in ids]
+
+
+def test_parts_through_a_rust_style_backend_give_the_answers_of_one_plan():
+    """Parts are encoded on the helper thread and their ids read on the caller's; a part the backend
+    refuses goes text by text, with the answers of one plan over the whole call."""
+    texts = corpus()
+    with engine_with(RefusingTokenizer(), FakeRunner(), max_batch_size=4) as whole:
+        expected, expected_tokens = whole.classify_counted(texts)
+    backend = FakeBackend()
+    with engine_with(RefusingTokenizer(), FakeRunner(), max_batch_size=4) as parts:
+        parts.__dict__["_backend"] = backend  # the cached property, as a real fast tokenizer would give it
+        parts._part_texts = 8
+        got, tokens = parts.classify_counted(texts)
+        assert tokens == expected_tokens and all(same(a, b) for a, b in zip(got, expected))
+        assert sorted(i for i, r in enumerate(got) if isinstance(r, TextError)) == [8, 23, 30, 61]
+        assert backend.threads and all(t.startswith("nlpstream-tokenize") for t in backend.threads)
+        backend.reads.clear()
+        clean = [t for t in texts if "REFUSE" not in t]
+        parts.classify_counted(clean)
+        caller = threading.current_thread().name
+        assert len(backend.reads) == len(set(clean)) and set(backend.reads) == {caller}, \
+            "every part's ids are read on the caller's thread, once per distinct text"
+
+
 def test_a_device_error_mid_call_leaves_no_tokenizing_behind():
     tok = RefusingTokenizer(delay_s=0.02)
     runner = FakeRunner()

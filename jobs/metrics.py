@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -80,7 +80,7 @@ def serve_metrics(host: str, port: int) -> int:
     return int(start_metrics_server(host, port).server_address[1])
 
 
-def start_metrics_server(host: str, port: int) -> Any:
+def start_metrics_server(host: str, port: int) -> WSGIServer:
     """:func:`serve_metrics`, returning the server (``shutdown()`` and ``server_close()`` stop it)."""
     try:
         server, _thread = start_http_server(port, addr=host)

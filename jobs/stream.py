@@ -109,14 +109,11 @@ class StreamJob:
             server = metrics.start_metrics_server(cfg.metrics.metrics_host, cfg.metrics.metrics_port)
             self.metrics_port = int(server.server_address[1])
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.metrics_host, self.metrics_port)
+        looped = False  # until the consumer exists: a failure before frees the metrics port (see _stop_metrics)
         try:
             parts = self._parts = wire(cfg, self._engine)
         except BaseException:
-            # the job never ran: free the port, so a caller that fixes the cause can run it again in-process
-            # (once the job has run, /metrics stays up after run() returns, for a last scrape)
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+            _stop_metrics(server)
             raise
         self._engine = parts.engine
         state.txn = parts.txn
@@ -131,6 +128,7 @@ class StreamJob:
         gc_settings.__enter__()  # after the model is loaded: it is frozen out of the collector's scans
         try:
             state.input = self._new_input()  # inside: a consumer that cannot be made still closes the parts
+            looped = True
             last_flush = last_input = time.monotonic()
             backoff = 0.0
             next_flush_try = 0.0
@@ -192,6 +190,8 @@ class StreamJob:
             gc_settings.__exit__(None, None, None)
             liveness.finished()
             self._close()
+            if not looped:
+                _stop_metrics(server)
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
@@ -305,6 +305,15 @@ class StreamJob:
                 closer()
             except Exception as exc:  # noqa: BLE001 - closing must go on
                 log.warning("error while closing: %s", exc)
+
+
+def _stop_metrics(server: Any) -> None:
+    """Stop /metrics of a job that never got to its loop, so a caller that fixes the cause can run it
+    again in-process on the same port (once the job has run, /metrics stays up after run() returns,
+    for a last scrape)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 def run_stream(config: StreamConfig, engine: Any = None) -> StreamSummary:

@@ -436,12 +436,28 @@ def test_a_part_that_cannot_be_built_closes_the_parts_built_before_it(kafka_boot
     monkeypatch.setattr(kafka, "KafkaProducer", refused)
     cfg = config(kafka_bootstrap, unique, tmp_path / "out",
                  alerts=AlertConfig(message_min_score=None, alert_topic=f"{unique}.alerts",
-                                    alert_file=str(tmp_path / "alerts.jsonl")))
-    cfg.metrics.metrics_port = 0
+                                    alert_file=str(tmp_path / "alerts.jsonl")), metrics_port=0)
     job = StreamJob(cfg, engine=engine)
     with pytest.raises(KafkaUnavailableError, match="alert producer"):
         job.run()
     assert sorted(closed) == ["alert file", "dlq"]
     assert job.metrics_port  # /metrics was served before the wiring failed, and its port is free again
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", job.metrics_port)) != 0
+
+
+def test_a_consumer_that_cannot_be_made_frees_the_metrics_port(kafka_bootstrap, unique, tmp_path, engine,
+                                                              monkeypatch):
+    """The job never reached its loop: /metrics is stopped, so the same port can serve a second run."""
+    from nlpstream.jobs import stream
+
+    def refused(*_: object, **__: object) -> None:
+        raise RuntimeError("no consumer (simulated)")
+
+    monkeypatch.setattr(stream, "KafkaInput", refused)
+    job = StreamJob(config(kafka_bootstrap, unique, tmp_path / "out", metrics_port=0), engine=engine)
+    with pytest.raises(RuntimeError, match="no consumer"):
+        job.run()
+    assert job.metrics_port
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", job.metrics_port)) != 0

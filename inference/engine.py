@@ -168,8 +168,9 @@ class Engine:
         self.model_name = bundle.name
         self.max_length = bundle.max_length
         on_gpu = any(str(d).startswith("cuda") for d in devices)
-        max_batch_tokens = max_batch_tokens or (GPU_BATCH_LIMITS if on_gpu else CPU_BATCH_LIMITS)["max_batch_tokens"]
-        self.max_batch_size = max_batch_size or (GPU_BATCH_LIMITS if on_gpu else CPU_BATCH_LIMITS)["max_batch_size"]
+        limits = GPU_BATCH_LIMITS if on_gpu else CPU_BATCH_LIMITS
+        max_batch_tokens = max_batch_tokens or limits["max_batch_tokens"]
+        self.max_batch_size = max_batch_size or limits["max_batch_size"]
         self.long_text = long_text
         self.chunk_overlap = max(0, min(chunk_overlap, self.max_length // 2))
         self.max_batch_delay_ms = max_batch_delay_ms
@@ -333,15 +334,19 @@ class Engine:
         """Token ids per text, special tokens included, truncated to the model's maximum."""
         backend = self._backend
         if backend is not None:  # the Rust tokenizer directly: no per-text conversion in Python
-            return [e.ids for e in backend.encode_batch(self._clip(texts), add_special_tokens=True)]
+            return [e.ids for e in self._encodings(backend, texts)]
         return self._tokenize_slow(texts)
 
     def _encode(self, texts: Sequence[str]) -> TokenIds:
         """:meth:`tokenize` as one flat array (the Rust tokenizer's ids read once, no list per text)."""
         backend = self._backend
         if backend is not None:
-            return TokenIds.from_encodings(backend.encode_batch(self._clip(texts), add_special_tokens=True))
+            return TokenIds.from_encodings(self._encodings(backend, texts))
         return TokenIds.from_lists(self._tokenize_slow(texts))
+
+    def _encodings(self, backend: Any, texts: Sequence[str]) -> list[Any]:
+        """The Rust backend's encodings of ``texts`` (clipped, special tokens added, truncated by the backend)."""
+        return backend.encode_batch(self._clip(texts), add_special_tokens=True)
 
     def _clip(self, texts: Sequence[str]) -> list[str]:
         # A token covers at least one character; cutting very long texts first keeps
@@ -589,7 +594,7 @@ class Engine:
             answer = self._tokenize_each(texts)
         else:
             try:
-                encodings = backend.encode_batch(self._clip(texts), add_special_tokens=True)
+                encodings = self._encodings(backend, texts)
             except Exception:  # noqa: BLE001 - isolate the texts the tokenizer refuses
                 answer = self._tokenize_one_by_one(texts)
             else:

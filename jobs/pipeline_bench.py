@@ -203,7 +203,7 @@ def _engine_host_side(texts: list[str], rounds: int = 3) -> dict[str, float]:
         tokenize()
         for engine in engines.values():  # warm-up, large enough to go through the parts path
             engine.classify(texts[: 2 * engine._part_texts])
-        best = {"tokenizer": float("inf"), "gpu": float("inf"), "cpu": float("inf")}
+        best = dict.fromkeys(["tokenizer", *engines], float("inf"))
         for _ in range(rounds):
             best["tokenizer"] = min(best["tokenizer"], timed(tokenize))
             for name, engine in engines.items():

@@ -9,6 +9,7 @@ results back to its own order through the indices each batch carries.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     # longest first, ties in index order (a reverse sort keeps equal keys in their original order)
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     keep = None if pad_tolerance is None or pad_tolerance >= 1 else 1.0 - pad_tolerance
-    descending = [max(1, lengths[i]) for i in order] if keep is not None else []
+    descending = list(map(max, itertools.repeat(1, len(order)), map(lengths.__getitem__, order))) if keep is not None else []
     min_fill = max_batch_tokens / MIN_FILL_DIVISOR
     batches: list[Batch] = []
     start = 0

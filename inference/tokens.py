@@ -45,11 +45,10 @@ class TokenIds(Sequence[list[int]]):
 
     @classmethod
     def from_encodings(cls, encodings: Sequence[Any]) -> "TokenIds":
-        """From the Rust tokenizer's ``Encoding`` objects (``len`` and ``.ids`` of each)."""
-        lengths = [len(e) for e in encodings]
-        flat = np.fromiter(itertools.chain.from_iterable(map(operator.attrgetter("ids"), encodings)),
-                           dtype=np.int64, count=sum(lengths))
-        return cls(flat, lengths)
+        """From the Rust tokenizer's ``Encoding`` objects (``.ids`` of each, read once: a call into Rust per text)."""
+        ids = list(map(operator.attrgetter("ids"), encodings))
+        lengths = list(map(len, ids))
+        return cls(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths)), lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)

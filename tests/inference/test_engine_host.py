@@ -3,6 +3,7 @@ parts on a helper thread with the answers of one plan over the whole call (fake 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -15,7 +16,7 @@ import torch
 from nlpstream.inference import DeviceError, TextError
 from nlpstream.inference.engine import Engine
 from nlpstream.inference.model import ModelBundle
-from nlpstream.inference.types import Prediction
+from nlpstream.inference.types import Prediction, predictions_of
 from tests.inference.fakes import LABELS, FakeRunner, FakeTokenizer, fake_engine
 
 
@@ -196,3 +197,18 @@ def test_array_predictions_equal_row_by_row_predictions():
         assert [m for i, m in enumerate(margins.tolist()) if i != 26] == [
             eng._margin(r) for i, r in enumerate(rows) if i != 26]
         assert math.isnan(margins[26])
+
+
+def test_predictions_of_makes_what_the_constructor_makes():
+    labels = ("negative", "neutral", "positive")
+    rows = [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.3, 0.4, 0.3]]
+    best, scores = [2, 0, 1], [0.7, 0.5, 0.4]
+    got = predictions_of(labels, best, scores, rows)
+    assert got == [Prediction(labels[b], s, dict(zip(labels, r))) for b, s, r in zip(best, scores, rows)]
+    assert all(type(p) is Prediction for p in got)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got[0].label = "x"  # type: ignore[misc]
+    got[0].heads["h"] = got[1]  # each object has dicts of its own, as with the constructor's default factory
+    assert got[1].heads == {} and got[0].probs is not got[1].probs
+    assert repr(got[1]) == repr(Prediction("negative", 0.5, {"negative": 0.5, "neutral": 0.3, "positive": 0.2}))
+    assert predictions_of(labels, [], [], []) == []

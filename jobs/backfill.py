@@ -36,6 +36,7 @@ from nlpstream.jobs.backfill_inputs import (BackfillError, InputFile, Piece, cou
                                             check_input, read_pieces)
 from nlpstream.jobs.backfill_output import BackfillOutput, Range, Reject, covered
 from nlpstream.jobs.config import BackfillConfig
+from nlpstream.jobs.gc_tuning import tuned_gc
 from nlpstream.sinks import OutputRow
 
 log = logging.getLogger(__name__)
@@ -231,16 +232,17 @@ def run_backfill(config: BackfillConfig, inputs: list[str | Path], engine: Any, 
     files, done, summary.already_done = plan_inputs(config, [str(p) for p in inputs], out)
     total = total_rows(files)
     tracker = Tracker(progress, None if total is None else max(0, total - summary.already_done))
-    for f in files:
-        finished = done[(f.topic, f.partition)]
-        for piece in read_pieces(f, config.text_field, config.id_field, config.rows_per_file,
-                                 config.read_block_bytes):
-            n = piece.table.num_rows
-            metrics.CONSUMED.labels(f.topic).inc(n)
-            if covered(finished, piece.first, piece.last):
-                metrics.SKIPPED.labels(f.topic).inc(n)
-                continue
-            summary.add(label_piece(piece, engine, out, config.text_field, config.id_field, tracker.advance,
-                                    batch_size))
+    with tuned_gc(config.gc_tuning):  # the engine's result objects no longer set off scans of start-up's
+        for f in files:
+            finished = done[(f.topic, f.partition)]
+            for piece in read_pieces(f, config.text_field, config.id_field, config.rows_per_file,
+                                     config.read_block_bytes):
+                n = piece.table.num_rows
+                metrics.CONSUMED.labels(f.topic).inc(n)
+                if covered(finished, piece.first, piece.last):
+                    metrics.SKIPPED.labels(f.topic).inc(n)
+                    continue
+                summary.add(label_piece(piece, engine, out, config.text_field, config.id_field, tracker.advance,
+                                        batch_size))
     summary.seconds = time.monotonic() - started
     return summary

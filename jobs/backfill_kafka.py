@@ -32,6 +32,7 @@ from nlpstream.jobs.backfill import (CLASSIFY_CHUNK, REJECT_REASONS, BackfillSum
 from nlpstream.jobs.backfill_inputs import BackfillError
 from nlpstream.jobs.backfill_output import BackfillOutput, Range, next_undone
 from nlpstream.jobs.config import BackfillConfig
+from nlpstream.jobs.gc_tuning import tuned_gc
 from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
 from nlpstream.jobs.stream import connection_settings
 
@@ -109,39 +110,40 @@ class KafkaBackfill:
         first = {p: pos for p, pos in self._positions.items() if pos < stops[p]}
         buffers: dict[int, list[InputRecord]] = {p: [] for p in first}
         last_progress = time.monotonic()
-        try:
-            while first:
-                records = replay.poll(0.5)
-                for record in records:
-                    buffers[record.partition].append(record)
-                if records:
-                    metrics.CONSUMED.labels(self.topic).inc(len(records))
-                    last_progress = time.monotonic()
-                for p in list(first):
-                    finished = replay.finished(p)
-                    buf = buffers[p]
-                    if len(buf) >= cfg.rows_per_file:
-                        piece, buffers[p] = buf[:cfg.rows_per_file], buf[cfg.rows_per_file:]
-                        last = piece[-1].offset
-                    elif finished:
-                        piece, buffers[p], last = buf, [], stops[p] - 1
-                    else:
-                        continue
-                    summary.add(self._piece(p, first[p], last, piece, engine, tracker))
-                    last_progress = time.monotonic()
-                    first[p] = last + 1
-                    if first[p] >= stops[p]:
-                        del first[p]
-                if first and time.monotonic() - last_progress > cfg.kafka.fetch_stall_timeout:
-                    raise BackfillError(f"no record from {self.topic} for {cfg.kafka.fetch_stall_timeout:.0f}s while "
-                                        f"partitions {sorted(first)} hold more (kafka.fetch_stall_timeout); rerun "
-                                        "to resume")
-        finally:
-            replay.close()
+        with tuned_gc(cfg.gc_tuning):  # as in the stream job: result objects set off no scans of start-up's
             try:
-                self._dlq.close()
-            except Exception as exc:  # noqa: BLE001 - closing must go on; unacked dead letters: piece unfinished
-                log.warning("closing the dead-letter producer: %s", exc)
+                while first:
+                    records = replay.poll(0.5)
+                    for record in records:
+                        buffers[record.partition].append(record)
+                    if records:
+                        metrics.CONSUMED.labels(self.topic).inc(len(records))
+                        last_progress = time.monotonic()
+                    for p in list(first):
+                        finished = replay.finished(p)
+                        buf = buffers[p]
+                        if len(buf) >= cfg.rows_per_file:
+                            piece, buffers[p] = buf[:cfg.rows_per_file], buf[cfg.rows_per_file:]
+                            last = piece[-1].offset
+                        elif finished:
+                            piece, buffers[p], last = buf, [], stops[p] - 1
+                        else:
+                            continue
+                        summary.add(self._piece(p, first[p], last, piece, engine, tracker))
+                        last_progress = time.monotonic()
+                        first[p] = last + 1
+                        if first[p] >= stops[p]:
+                            del first[p]
+                    if first and time.monotonic() - last_progress > cfg.kafka.fetch_stall_timeout:
+                        raise BackfillError(f"no record from {self.topic} for {cfg.kafka.fetch_stall_timeout:.0f}s "
+                                            f"while partitions {sorted(first)} hold more (kafka.fetch_stall_timeout); "
+                                            "rerun to resume")
+            finally:
+                replay.close()
+                try:
+                    self._dlq.close()
+                except Exception as exc:  # noqa: BLE001 - closing must go on; unacked dead letters: piece unfinished
+                    log.warning("closing the dead-letter producer: %s", exc)
         summary.seconds = time.monotonic() - started
         return summary
 

@@ -222,6 +222,10 @@ class _BaseJobConfig(BaseSettings):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    gc_tuning: bool = Field(True, description=(
+        "While the job (stream or backfill) runs: freeze what start-up loaded (the model, libraries) out of the "
+        "garbage collector's scans and collect the youngest generation every 10,000 allocations instead of 700 "
+        "(per-message and per-result objects made it a large share of the host path)."))
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as JSON-able data with secrets masked (every output.storage_options value, and
@@ -259,10 +263,6 @@ class StreamConfig(_BaseJobConfig):
     pipeline_depth: int = Field(1, ge=0, le=8, description=(
         "Micro-batches classified ahead on a worker thread while the loop polls, decodes and writes "
         "(0: one batch at a time). Commits still wait until the rows are durable."))
-    gc_tuning: bool = Field(True, description=(
-        "While the job runs: freeze what start-up loaded (the model, libraries) out of the garbage collector's "
-        "scans and collect the youngest generation every 10,000 allocations instead of 700 "
-        "(per-message objects made it a large share of the host path)."))
 
     @model_validator(mode="after")
     def _check(self) -> "StreamConfig":

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 
+_READ_CHUNK = 256  # texts whose id lists TokenIds.from_encodings holds at once
+
+
 class TokenIds(Sequence[list[int]]):
     """The token ids of ``len(lengths)`` texts: text ``i`` is ``flat[starts[i] : starts[i] + lengths[i]]``.
 
@@ -45,10 +48,18 @@ class TokenIds(Sequence[list[int]]):
 
     @classmethod
     def from_encodings(cls, encodings: Sequence[Any]) -> "TokenIds":
-        """From the Rust tokenizer's ``Encoding`` objects (``.ids`` of each, read once: a call into Rust per text)."""
-        ids = list(map(operator.attrgetter("ids"), encodings))
-        lengths = list(map(len, ids))
-        return cls(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lengths)), lengths)
+        """From the Rust tokenizer's ``Encoding`` objects (``.ids`` of each, read once: a call into Rust per text).
+
+        Read ``_READ_CHUNK`` texts at a time, so at most that many texts' Python id lists are alive at once.
+        """
+        lengths: list[int] = []
+        chunks = []
+        for start in range(0, len(encodings), _READ_CHUNK):
+            ids = list(map(operator.attrgetter("ids"), encodings[start : start + _READ_CHUNK]))
+            lens = list(map(len, ids))
+            chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(lens)))
+            lengths += lens
+        return cls(np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64), lengths)
 
     def __len__(self) -> int:
         return len(self.lengths)

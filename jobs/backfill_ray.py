@@ -93,14 +93,17 @@ class PieceLabeler:
     """A Ray Data callable-class actor: loads the engine once, then labels and commits whole pieces."""
 
     def __init__(self, engine_options: dict[str, Any], output: dict[str, Any], text_field: str, id_field: str,
-                 piece_rows: int, cpu_threads: int | None = None) -> None:
+                 piece_rows: int, cpu_threads: int | None = None, gc_tuning: bool = True) -> None:
         if cpu_threads:
             import torch
 
             torch.set_num_threads(cpu_threads)
         from nlpstream.inference import load_engine
+        from nlpstream.jobs.gc_tuning import tuned_gc
 
         self.engine = load_engine(**engine_options)
+        # the actor's process labels until it ends: the settings stay (entered after loading, so the model is frozen)
+        tuned_gc(gc_tuning).__enter__()
         self.out = BackfillOutput(**output)
         self.text_field, self.id_field, self.piece_rows = text_field, id_field, piece_rows
 
@@ -196,7 +199,7 @@ def run_backfill_ray(config: BackfillConfig, inputs: list[str], address: str | N
                 "output": {"url": config.output.output, "include_text": config.output.include_text,
                            "compression": config.output.compression,
                            "storage_options": config.output.storage_options},
-                "cpu_threads": None if gpus else 1},
+                "cpu_threads": None if gpus else 1, "gc_tuning": config.gc_tuning},
             **per_actor)
         for batch in labeled.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():

@@ -223,9 +223,10 @@ class _BaseJobConfig(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     gc_tuning: bool = Field(True, description=(
-        "While the job (stream or backfill) runs: freeze what start-up loaded (the model, libraries) out of the "
-        "garbage collector's scans and collect the youngest generation every 10,000 allocations instead of 700 "
-        "(per-message and per-result objects made it a large share of the host path)."))
+        "While the stream job, a backfill or a Ray backfill actor runs (not Spark tasks): freeze what start-up "
+        "loaded (the model, libraries) out of the garbage collector's scans and collect the youngest generation "
+        "every 10,000 allocations instead of 700 (per-message and per-result objects made it a large share of "
+        "the host path)."))
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as JSON-able data with secrets masked (every output.storage_options value, and

@@ -3,8 +3,10 @@ parts on a helper thread with the answers of one plan over the whole call (fake 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import pickle
 import random
 import threading
 import time
@@ -201,14 +203,18 @@ def test_array_predictions_equal_row_by_row_predictions():
 
 def test_predictions_of_makes_what_the_constructor_makes():
     labels = ("negative", "neutral", "positive")
-    rows = [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.3, 0.4, 0.3]]
-    best, scores = [2, 0, 1], [0.7, 0.5, 0.4]
+    rows = [[0.1, 0.2, 0.7], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]
+    best, scores = [2, 0, 0], [0.7, 0.5, 0.5]
     got = predictions_of(labels, best, scores, rows)
-    assert got == [Prediction(labels[b], s, dict(zip(labels, r))) for b, s, r in zip(best, scores, rows)]
+    made = [Prediction(labels[b], s, dict(zip(labels, r))) for b, s, r in zip(best, scores, rows)]
+    assert got == made and [repr(p) for p in got] == [repr(p) for p in made]
     assert all(type(p) is Prediction for p in got)
+    assert not hasattr(Prediction, "__post_init__")  # a check there would be skipped by predictions_of
     with pytest.raises(dataclasses.FrozenInstanceError):
         got[0].label = "x"  # type: ignore[misc]
-    got[0].heads["h"] = got[1]  # each object has dicts of its own, as with the constructor's default factory
-    assert got[1].heads == {} and got[0].probs is not got[1].probs
-    assert repr(got[1]) == repr(Prediction("negative", 0.5, {"negative": 0.5, "neutral": 0.3, "positive": 0.2}))
+    assert pickle.loads(pickle.dumps(got)) == made and copy.deepcopy(got) == made
+    assert dataclasses.replace(got[0], score=0.1) == dataclasses.replace(made[0], score=0.1)
+    got[1].heads["h"] = got[0]  # equal rows still get dicts of their own, as with the constructor
+    got[1].probs["extra"] = 1.0
+    assert got[2].heads == {} and got[2].probs == made[2].probs
     assert predictions_of(labels, [], [], []) == []

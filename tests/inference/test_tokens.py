@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nlpstream.inference.engine import pad_batch
-from nlpstream.inference.tokens import TokenIds
+from nlpstream.inference.tokens import _READ_CHUNK, TokenIds
 
 
 def _seqs(seed: int = 3, n: int = 50) -> list[list[int]]:
@@ -60,3 +60,12 @@ def test_pad_equals_pad_batch_of_the_same_rows():
         want_ids, want_mask = pad_batch([seqs[i] for i in rows], width, 9)
         assert got_ids.dtype == want_ids.dtype and got_mask.dtype == want_mask.dtype
         assert got_ids.tolist() == want_ids.tolist() and got_mask.tolist() == want_mask.tolist()
+
+
+def test_from_encodings_reads_across_its_chunks():
+    rng = random.Random(3)
+    seqs = [[rng.randrange(30_000) for _ in range(rng.randrange(0, 9))] for _ in range(2 * _READ_CHUNK + 37)]
+    ids = TokenIds.from_encodings([_Encoding(s) for s in seqs])
+    assert ids.tolist() == seqs and ids.lengths == [len(s) for s in seqs] and ids.flat.dtype == np.int64
+    empty = TokenIds.from_encodings([])
+    assert len(empty) == 0 and empty.flat.dtype == np.int64

@@ -1,12 +1,13 @@
-"""Backfill with an engine whose model fails on one text: that text is reported, the rest labeled."""
+"""Backfill with an engine whose model fails on one text: that text is reported, the rest labeled; the
+collector settings the engine is called under."""
 
 from __future__ import annotations
 
 import gc
 import json
 
-from nlpstream.jobs.backfill import run_backfill
 from nlpstream.inference.types import Prediction
+from nlpstream.jobs.backfill import run_backfill
 from nlpstream.jobs.config import BackfillConfig, load_config
 from nlpstream.jobs.gc_tuning import YOUNG_THRESHOLD
 from tests.conftest import read_output

@@ -3,6 +3,7 @@ stream job does, no consumer group, resume, and the CLI's errors."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ from nlpstream.consumers.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITIO
 from nlpstream.jobs.backfill import BackfillError
 from nlpstream.jobs.backfill_kafka import KafkaBackfill
 from nlpstream.jobs.config import BackfillConfig, load_config
+from nlpstream.jobs.gc_tuning import YOUNG_THRESHOLD
 from tests.conftest import produce, read_output, read_topic
 from tests.inference.fakes import fake_engine
 
@@ -67,10 +69,15 @@ def test_replay_labels_exactly_the_time_range_dead_letters_bad_records_and_joins
     out = str(tmp_path / "out")
     cfg = _cfg(kafka_bootstrap, topic, out, rows_per_file=3)
     engine, _ = fake_engine(["cpu"], precision="fp32")
+    collector = []  # (young threshold, anything frozen) at each engine call: the job's gc_tuning, on by default
+    classify_each = engine.classify_each
+    engine.classify_each = lambda texts: collector.append((gc.get_threshold()[0], gc.get_freeze_count() > 0)) or \
+        classify_each(texts)
     with engine:
         job = KafkaBackfill(cfg, topic, T0 + 100_000, T0 + 200_000)
         assert job.plan() == 16
         summary = job.run(engine)
+        assert collector and set(collector) == {(YOUNG_THRESHOLD, True)}
         # a rerun finds every piece finished
         again = KafkaBackfill(cfg, topic, T0 + 100_000, T0 + 200_000)
         assert again.plan() == 0

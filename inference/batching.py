@@ -59,7 +59,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     # longest first, ties in index order (a reverse sort keeps equal keys in their original order)
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     keep = None if pad_tolerance is None or pad_tolerance >= 1 else 1.0 - pad_tolerance
-    descending = list(map(max, itertools.repeat(1, len(order)), map(lengths.__getitem__, order))) if keep is not None else []
+    descending = []  # max(1, length) in plan order, through map: no Python frame per text
+    if keep is not None:
+        descending = list(map(max, itertools.repeat(1, len(order)), map(lengths.__getitem__, order)))
     min_fill = max_batch_tokens / MIN_FILL_DIVISOR
     batches: list[Batch] = []
     start = 0

@@ -232,7 +232,7 @@ def run_backfill(config: BackfillConfig, inputs: list[str | Path], engine: Any, 
     files, done, summary.already_done = plan_inputs(config, [str(p) for p in inputs], out)
     total = total_rows(files)
     tracker = Tracker(progress, None if total is None else max(0, total - summary.already_done))
-    with tuned_gc(config.gc_tuning):  # the engine's result objects no longer set off scans of start-up's
+    with tuned_gc(config.gc_tuning):  # the engine's result objects set off no full scans of what start-up loaded
         for f in files:
             finished = done[(f.topic, f.partition)]
             for piece in read_pieces(f, config.text_field, config.id_field, config.rows_per_file,

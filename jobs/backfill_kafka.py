@@ -110,7 +110,7 @@ class KafkaBackfill:
         first = {p: pos for p, pos in self._positions.items() if pos < stops[p]}
         buffers: dict[int, list[InputRecord]] = {p: [] for p in first}
         last_progress = time.monotonic()
-        with tuned_gc(cfg.gc_tuning):  # as in the stream job: result objects set off no scans of start-up's
+        with tuned_gc(cfg.gc_tuning):  # as in the stream job: no full scans of what start-up loaded
             try:
                 while first:
                     records = replay.poll(0.5)

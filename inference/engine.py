@@ -290,9 +290,9 @@ class Engine:
         distinct = list(unique)
         probs = np.full((len(distinct), sum(self.segments)), np.nan)  # one row per distinct text
         missing = range(len(distinct))
-        keys = [self.cache.key(t) for t in distinct] if self.cache.enabled else []
+        keys = self.cache.keys(distinct) if self.cache.enabled else []
         if keys:
-            hit_rows = [self.cache.get(key) for key in keys]
+            hit_rows = self.cache.get_many(keys)
             missing = [i for i, r in enumerate(hit_rows) if r is None]
             for i, row in enumerate(hit_rows):
                 if row is not None:
@@ -308,9 +308,8 @@ class Engine:
             probs[list(missing)] = computed
             failed = {missing[j]: reason for j, reason in errors.items()}
             if keys:
-                for j, (i, row) in enumerate(zip(missing, computed.tolist())):
-                    if j not in errors:
-                        self.cache.put(keys[i], row)
+                self.cache.put_many((keys[i], row) for j, (i, row) in enumerate(zip(missing, computed.tolist()))
+                                    if j not in errors)
         preds = self._predictions(probs, failed)
         if not failed and len(distinct) == len(texts):  # every text once, none failed: preds is the answer
             return preds, tokens

@@ -61,9 +61,11 @@ class PredictionCache:
         self.put_many([(key, row)])
 
     def put_many(self, items: Iterable[tuple[bytes, list[float]]]) -> None:
-        """Store each ``(key, row)`` not stored yet, then evict the least recent down to the bounds. One lock."""
+        """Store each ``(key, row)`` not stored yet (a key repeated in one call: its first row), then evict the
+        least recent down to the bounds. One lock, taken after ``items`` is read."""
         if not self.enabled:
             return
+        items = list(items)  # a generator of the caller's runs before the lock, never under it
         with self._lock:
             stored = self._rows
             for key, row in items:

@@ -1,12 +1,10 @@
 """Dedup cache, long-text chunking, request batching and adaptive budgets on the real model."""
 
-import hashlib
 import threading
 
 import pytest
 
 from nlpstream.inference import load_engine, metrics
-from nlpstream.inference.cache import _ENTRY_OVERHEAD, PredictionCache
 from nlpstream.inference.engine import Engine, precision_mode
 from nlpstream.inference.errors import InferenceError
 
@@ -24,35 +22,6 @@ def test_cache_serves_repeats_without_inference(engine):
         assert [p.label for p in again] == [first[1].label, first[0].label, first[0].label]
         assert sum(calls) == 2, "repeats must not reach a device"
         assert metrics.CACHE_REQUESTS.labels("hit")._value.get() - hits == 2
-
-
-def test_cache_is_bounded_in_entries_and_bytes():
-    cache = PredictionCache("m", max_entries=3, max_bytes=1 << 20)
-    for i in range(10):
-        cache.put(cache.key(str(i)), [0.1, 0.9])
-    assert len(cache) == 3 and cache.get(cache.key("0")) is None and cache.get(cache.key("9")) == [0.1, 0.9]
-    small = PredictionCache("m", max_entries=1000, max_bytes=1000)
-    for i in range(100):
-        small.put(small.key(str(i)), [0.5, 0.5])
-    assert small.bytes <= 1000 and 0 < len(small) < 100
-    assert PredictionCache("a").key("x") != PredictionCache("b").key("x")
-    off = PredictionCache("m", max_entries=0)
-    off.put(off.key("x"), [1.0])
-    assert len(off) == 0
-
-
-def test_cache_batch_calls_match_one_at_a_time():
-    cache = PredictionCache("m", max_entries=3, max_bytes=1 << 20)
-    texts = ["a", "b", "c", "d", "\udc80 lone surrogate"]
-    keys = cache.keys(texts)
-    assert keys == [hashlib.blake2b(f"m\x00{t}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
-                    for t in texts] == [cache.key(t) for t in texts]
-    cache.put_many([(keys[0], [0.0]), (keys[1], [1.0]), (keys[1], [9.0]), (keys[2], [2.0])])  # a repeat keeps the first
-    assert len(cache) == 3 and cache.bytes == 3 * (_ENTRY_OVERHEAD + 8)
-    assert cache.get_many([keys[0], keys[3], keys[1]]) == [[0.0], None, [1.0]]  # 0 and 1 become the most recent
-    cache.put_many([(keys[3], [3.0])])  # evicts the least recent: 2
-    assert cache.get_many(keys[:4]) == [[0.0], [1.0], None, [3.0]] and len(cache) == 3
-    assert cache.get_many([]) == [] and cache.keys([]) == []
 
 
 def test_chunking_covers_the_whole_document(engine):

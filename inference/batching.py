@@ -34,6 +34,14 @@ PAD_TOLERANCE = 0.1
 MIN_FILL_DIVISOR = 16
 
 
+def counted_lengths(lengths: Sequence[int], indices: Sequence[int]) -> list[int]:
+    """The token count each text at ``indices`` is planned and counted with: its length, at least 1.
+
+    Through ``map``, so no Python frame runs per text (the engine's host path calls this per batch).
+    """
+    return list(map(max, itertools.repeat(1, len(indices)), map(lengths.__getitem__, indices)))
+
+
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int, *,
                  pad_tolerance: float | None = PAD_TOLERANCE) -> list[Batch]:
     """Cut ``lengths`` (token counts per text) into length-sorted batches.
@@ -59,9 +67,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
     # longest first, ties in index order (a reverse sort keeps equal keys in their original order)
     order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
     keep = None if pad_tolerance is None or pad_tolerance >= 1 else 1.0 - pad_tolerance
-    descending = []  # max(1, length) in plan order, through map: no Python frame per text
-    if keep is not None:
-        descending = list(map(max, itertools.repeat(1, len(order)), map(lengths.__getitem__, order)))
+    descending = counted_lengths(lengths, order) if keep is not None else []
     min_fill = max_batch_tokens / MIN_FILL_DIVISOR
     batches: list[Batch] = []
     start = 0
@@ -85,7 +91,7 @@ def padding_share(lengths: Sequence[int], batches: Sequence[Batch]) -> float:
     total = sum(b.padded_tokens for b in batches)
     if total == 0:
         return 0.0
-    real = sum(max(1, lengths[i]) for b in batches for i in b.indices)
+    real = sum(sum(counted_lengths(lengths, b.indices)) for b in batches)
     return 1.0 - real / total
 
 

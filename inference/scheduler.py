@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from nlpstream.inference import metrics
-from nlpstream.inference.batching import Batch, TokenBudget, plan_batches
+from nlpstream.inference.batching import Batch, TokenBudget, counted_lengths, plan_batches
 from nlpstream.inference.errors import NoLiveDeviceError
 from nlpstream.inference.runtimes import Runner
 
@@ -320,8 +320,7 @@ class Scheduler:
             metrics.TOKEN_BUDGET.set(self.budget.observe(work.batch.padded_tokens, out.seconds))
             replica.busy_s += out.seconds
             replica.padded_tokens += work.batch.padded_tokens
-            indices = work.batch.indices  # lengths below 1 count as 1, as in the plan; map: no Python frame per text
-            replica.real_tokens += sum(map(max, itertools.repeat(1, len(indices)), map(lengths.__getitem__, indices)))
+            replica.real_tokens += sum(counted_lengths(lengths, work.batch.indices))
             results.append((work.batch.indices, _float64_copy(out.probs)))
             return
         metrics.DEVICE_FAILURES.labels(replica.name, out.kind).inc()
@@ -373,7 +372,7 @@ class Scheduler:
         """Halves of a batch; a half of several items keeps the failure count, a single item starts afresh."""
         half = len(work.batch.indices) // 2
         parts = (work.batch.indices[:half], work.batch.indices[half:])
-        return [_Work(Batch(p, max(max(1, lengths[i]) for i in p)), work.attempts if len(p) > 1 else 0, work.avoid)
+        return [_Work(Batch(p, max(counted_lengths(lengths, p))), work.attempts if len(p) > 1 else 0, work.avoid)
                 for p in parts]
 
     # -- health -------------------------------------------------------------------

@@ -68,6 +68,7 @@ def stream(
     bootstrap_servers: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers host:port[,host:port].")] = None,
     topic: Annotated[Optional[list[str]], typer.Option("--topic", help="Topic to consume (repeatable).")] = None,
     group_id: Annotated[Optional[str], typer.Option(help="Consumer group id.")] = None,
+    kafka_client: Annotated[Optional[str], typer.Option(help="Consumer client: kafka-python (default) or confluent (librdkafka; the confluent extra).")] = None,
     input_format: Annotated[Optional[str], typer.Option(help="text, json, or avro / json-schema / protobuf (Confluent wire format).")] = None,
     schema_registry_url: Annotated[Optional[str], typer.Option(help="Schema Registry (Confluent-compatible API) of the schema'd formats.")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Field with the text; dotted path into nested objects (body.text).")] = None,
@@ -97,6 +98,7 @@ def stream(
     _setup_logging(verbose)
     overrides = {
         "kafka.bootstrap_servers": bootstrap_servers, "kafka.topics": topic, "kafka.group_id": group_id,
+        "kafka.client": kafka_client,
         "kafka.dlq_topic": dlq_topic, "input.input_format": input_format, "input.text_field": text_field,
         "input.schema_registry.url": schema_registry_url,
         "input.id_field": id_field, "model.model": model, "model.devices": devices, "model.precision": precision,

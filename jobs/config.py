@@ -9,6 +9,7 @@ come from files (``NLPSTREAM_KAFKA__SASL_PASSWORD_FILE``).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,9 @@ class KafkaConfig(_Section):
         "Exactly-once dead letters and Kafka alerts: each input partition's dead letters, alert records and "
         "committed offset go in one Kafka transaction after its files or table commit are durable "
         "(read them with isolation_level=read_committed). Off: at-least-once (a crash may repeat some)."))
+    client: Literal["kafka-python", "confluent"] = Field("kafka-python", description=(
+        "The stream job's consumer: kafka-python (default), or confluent-kafka (librdkafka parses records "
+        "in C; needs the confluent extra; not with kafka.transactions)."))
     transactional_id_prefix: str | None = Field(None, description=(
         "Prefix of the transactional ids (<prefix>-<topic>-<partition>); default 'nlpstream-<group_id>'. "
         "Workers of one group must share it; different groups must not."))
@@ -274,6 +278,13 @@ class StreamConfig(_BaseJobConfig):
         for name in ("sasl_password", "ssl_password"):
             if getattr(self.kafka, name) is not None and getattr(self.kafka, f"{name}_file") is not None:
                 raise ValueError(f"set kafka.{name} or kafka.{name}_file, not both")
+        if self.kafka.client == "confluent":
+            if self.kafka.transactions:
+                raise ValueError("kafka.client 'confluent' does not support kafka.transactions (the transactional "
+                                 "producer commits offsets for a kafka-python consumer's group): use kafka-python")
+            if importlib.util.find_spec("confluent_kafka") is None:
+                raise ValueError("kafka.client 'confluent' needs the confluent-kafka package: "
+                                 "pip install 'nlpstream[confluent]'")
         return self
 
     def dlq_topic(self) -> str:

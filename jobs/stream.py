@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any
 
+from nlpstream.consumers.confluent_input import ConfluentInput
 from nlpstream.consumers.kafka_input import KafkaInput
 from nlpstream.inference import DeviceError, Engine
 from nlpstream.jobs import metrics
@@ -92,7 +93,7 @@ class StreamJob:
         self._stop.set()
 
     @property
-    def _input(self) -> KafkaInput:
+    def _input(self) -> KafkaInput | ConfluentInput:
         """The current consumer (a fetch stall or a fence replaces it)."""
         return self._state.input
 
@@ -195,11 +196,12 @@ class StreamJob:
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
-    def _new_input(self) -> KafkaInput:
-        """A consumer that joins the group, with the rebalance part's callbacks."""
+    def _new_input(self) -> KafkaInput | ConfluentInput:
+        """A consumer that joins the group (the client ``kafka.client`` names), with the rebalance part's callbacks."""
         assert self._parts is not None and self._rebalance is not None
         rebalance = self._rebalance
-        return KafkaInput(self._parts.conn, self._parts.settings, rebalance.on_assigned, rebalance.on_revoked,
+        client = ConfluentInput if self.config.kafka.client == "confluent" else KafkaInput
+        return client(self._parts.conn, self._parts.settings, rebalance.on_assigned, rebalance.on_revoked,
                           rebalance.on_lost)
 
     def _rebuild_input(self) -> None:

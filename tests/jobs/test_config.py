@@ -63,3 +63,19 @@ def test_secret_from_file_or_value_not_both(tmp_path, name):
         load_config(StreamConfig, None, {"kafka.topics": ["x"], f"kafka.{name}": "s3cr3t-value",
                                          f"kafka.{name}_file": str(secret)})
     assert "s3cr3t" not in str(info.value)
+
+
+def test_kafka_client_choice_and_what_it_refuses(monkeypatch):
+    assert load_config(StreamConfig, None, {"kafka.topics": ["x"]}).kafka.client == "kafka-python"
+    monkeypatch.setenv("NLPSTREAM_KAFKA__CLIENT", "confluent")
+    assert load_config(StreamConfig, None, {"kafka.topics": ["x"]}).kafka.client == "confluent"
+    with pytest.raises(ConfigError, match="does not support kafka.transactions"):
+        load_config(StreamConfig, None, {"kafka.topics": ["x"], "kafka.transactions": True})
+    with pytest.raises(ConfigError, match="kafka.client"):
+        load_config(StreamConfig, None, {"kafka.topics": ["x"], "kafka.client": "librdkafka"})
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "confluent_kafka" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'nlpstream\[confluent\]'"):
+        load_config(StreamConfig, None, {"kafka.topics": ["x"]})

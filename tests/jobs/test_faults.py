@@ -41,8 +41,13 @@ def queued_topic(bootstrap: str, make_topic, unique: str, partitions: int, n: in
     return topic
 
 
-def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path):
+CONFLUENT = {"NLPSTREAM_KAFKA__CLIENT": "confluent"}
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path, client):
     parts, n = 4, 8000
+    env = CONFLUENT if client == "confluent" else None
     topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261128")))
@@ -50,7 +55,7 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
     seen_before_kill = []
     stall_restarts = 0
     for attempt in range(10):
-        proc = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", log=log)
+        proc = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", log=log, env=env)
         if attempt % 2 == 1:  # every other kill lands right after a file appeared (mid-write window)
             before = len(files(out))
             wait_for(lambda: len(files(out)) > before or rows_in(out) >= n or proc.poll() is not None, 120, "a new file")
@@ -69,7 +74,7 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
         if kills == 6:
             break
     assert kills >= 5, f"only {kills} kills landed mid-stream (rows before each: {seen_before_kill})"
-    final = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--idle-timeout", "6", log=log)
+    final = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--idle-timeout", "6", log=log, env=env)
     code = final.wait(timeout=600)
     stall_restarts += restarts_of(final)
     assert code == 0, log.read_text()[-3000:]
@@ -83,22 +88,25 @@ def test_kill_9_at_random_moments(kafka_bootstrap, make_topic, unique, tmp_path)
         for q in range(parts)]
 
 
-def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, unique, tmp_path):
+@pytest.mark.parametrize("clients", ["kafka-python", "mixed"])
+def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, unique, tmp_path, clients):
+    """mixed: the killed member and the one added use confluent-kafka, the other kafka-python (one group)."""
     parts, n = 6, 5000
     topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
-    a = stream_proc(kafka_bootstrap, topic, out, group, log=log)
+    env = CONFLUENT if clients == "mixed" else None
+    a = stream_proc(kafka_bootstrap, topic, out, group, log=log, env=env)
     b = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log)
     wait_for(lambda: rows_in(out) > 600, 180, "both members writing", b)
     a.kill()
     a.wait(timeout=30)
     wait_for(lambda: rows_in(out) > 1500, 180, "progress after the kill", b)
-    c = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log)
+    c = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log, env=env)
     assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
     result = exactness(out, parts, n)
-    report("consumer group: one member killed, one added", 2, n, result,
+    report(f"consumer group ({clients} clients): one member killed, one added", 2, n, result,
            f"(supervisor restarts after a stall: {restarts_of(a, b, c)})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
 

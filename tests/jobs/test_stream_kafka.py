@@ -26,7 +26,7 @@ def config(bootstrap, topic, out, **kw):
     alerts = kw.pop("alerts", AlertConfig(message_min_score=None))
     return StreamConfig.model_construct(
         kafka=KafkaConfig(bootstrap_servers=bootstrap, topics=[topic], group_id=kw.pop("group", f"{topic}-g"),
-                          dlq_topic=f"{topic}.dlq"),
+                          dlq_topic=f"{topic}.dlq", client=kw.pop("client", "kafka-python")),
         input=InputConfig(), model=ModelConfig(devices="cpu"),
         output=OutputConfig(output=str(out), flush_interval=kw.pop("flush_interval", 1.0)),
         alerts=alerts, metrics=MetricsConfig(metrics_port=kw.pop("metrics_port", None)),
@@ -44,11 +44,13 @@ def scrape(port: int) -> dict[str, float]:
     return values
 
 
-def test_json_messages_land_exactly_once_with_metrics(kafka_bootstrap, make_topic, unique, tmp_path, engine):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_json_messages_land_exactly_once_with_metrics(kafka_bootstrap, make_topic, unique, tmp_path, engine, client):
     topic = make_topic(unique, partitions=3)
     n = 300
     produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
-    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=4.0, metrics_port=0), engine=engine)
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=4.0, metrics_port=0, client=client),
+                    engine=engine)
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
     runner.start()
@@ -273,8 +275,9 @@ def test_topics_written_with_every_kafka_codec_are_read(kafka_bootstrap, make_to
     assert sorted(ids) == sorted(f"{unique}-{c}-{i}" for c in codecs for i in range(25))
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_bootstrap, make_topic, unique,
-                                                                          tmp_path, engine):
+                                                                          tmp_path, engine, client):
     """A new group over an output that already holds everything: it commits where the files end, with no new traffic.
 
     Before, nothing was committed for partitions that got no new record, so
@@ -286,12 +289,14 @@ def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_b
     topic = make_topic(unique, partitions=3)
     n = 90
     produce(kafka_bootstrap, topic, json_messages(n, prefix=unique))
-    first = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=3.0, group=f"{unique}-a"), engine=engine)
+    first = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=3.0, group=f"{unique}-a", client=client),
+                      engine=engine)
     assert first.run().labeled == n
     ends = committed(kafka_bootstrap, f"{unique}-a", topic, 3)
     assert sum(ends) == n
 
-    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0),
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0,
+                           client=client),
                     engine=engine)
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
@@ -322,7 +327,8 @@ def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_b
     # a stuck sink is no longer invisible: a fresh record, the output folder immutable, committed lag shows it
     produce(kafka_bootstrap, topic, json_messages(3, prefix=f"{unique}-new"))
     out_files = sorted({p.parent for p in tmp_path.rglob("*.parquet")} | {tmp_path / f"topic={topic}"})
-    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0),
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=30.0, group=f"{unique}-b", metrics_port=0,
+                           client=client),
                     engine=engine)
     runner = threading.Thread(target=job.run)
     lag_keys = [f'nlpstream_consumer_committed_lag{{partition="{p}",topic="{topic}"}}' for p in range(3)]

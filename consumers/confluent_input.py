@@ -1,0 +1,379 @@
+"""The stream job's consumer on confluent-kafka (librdkafka), with :class:`KafkaInput`'s surface.
+
+Chosen with ``kafka.client: confluent``. librdkafka fetches and parses record
+batches in C on its own threads, where kafka-python parses every record in
+Python on the polling thread (about a third of the instant-engine job's time
+with kafka-python, see README "Performance").
+
+What the job relies on, and how it maps here:
+
+- Rebalance callbacks run on the polling thread, inside :meth:`poll`, as
+  with kafka-python 2.x. The group uses the eager protocol (librdkafka's
+  default assignors, ``range,roundrobin``, which kafka-python members share,
+  so a group may mix both clients).
+- Where a newly assigned partition starts: the job's assignment callback
+  calls :meth:`seek` (where its files end). librdkafka cannot seek a
+  partition before it is assigned, so seeks and pauses asked for inside the
+  callback are collected and the partitions are assigned with those start
+  offsets right after it (``assign`` from ``on_assign``); the others start at
+  the committed offset or the reset policy.
+- :meth:`close` leaves the group without running the job's revocation
+  callback (librdkafka would run it from ``close``): the caller settles its
+  own state, as with :class:`KafkaInput`.
+- A commit the group refuses after a rebalance returns False; other
+  failures raise :class:`ConsumerError`.
+
+Not supported with this client: ``kafka.transactions`` (the transactional
+producer is kafka-python's and commits offsets for its consumer's group
+generation); the config refuses the combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from nlpstream.consumers.client_config import ConnectionSettings, connect_error
+from nlpstream.consumers.errors import ConsumerError, KafkaUnavailableError
+from nlpstream.consumers.kafka_input import TP, ConsumerSettings, PartitionsCallback
+from nlpstream.consumers.records import InputRecord
+
+log = logging.getLogger(__name__)
+
+_OFFSET_INVALID = -1001  # librdkafka: no offset (use the committed one, else the reset policy)
+
+
+def librdkafka_config(connection: ConnectionSettings) -> dict[str, Any]:
+    """librdkafka's settings for the same brokers, security protocol, SASL and TLS files."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": ",".join(s.strip() for s in connection.bootstrap_servers.split(",") if s.strip()),
+        "security.protocol": connection.security_protocol.lower(),
+        "client.id": connection.client_id,
+    }
+    optional = {
+        "sasl.mechanism": connection.sasl_mechanism,
+        "sasl.username": connection.sasl_username,
+        "sasl.password": connection.sasl_password,
+        "ssl.ca.location": connection.ssl_cafile,
+        "ssl.certificate.location": connection.ssl_certfile,
+        "ssl.key.location": connection.ssl_keyfile,
+        "ssl.key.password": connection.ssl_password,
+    }
+    conf.update({k: v for k, v in optional.items() if v is not None})
+    return conf
+
+
+def _refused_codes() -> frozenset[int]:
+    """Commit errors that mean "the group moved on": the records are redelivered to the next owner."""
+    from confluent_kafka import KafkaError
+
+    names = ("REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "FENCED_INSTANCE_ID",
+             "_ASSIGNMENT_LOST", "_STATE")
+    return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
+
+
+class ConfluentInput:
+    """Subscribes to topics as one member of a consumer group, through librdkafka.
+
+    Raises KafkaUnavailableError when the client cannot be created (a bad
+    setting, a TLS file that cannot be read). librdkafka connects lazily, so
+    unreachable brokers show up as empty polls, as with :class:`KafkaInput`
+    after start-up (the job waits for the brokers before it builds a consumer).
+    """
+
+    def __init__(
+        self,
+        connection: ConnectionSettings,
+        settings: ConsumerSettings,
+        on_assigned: PartitionsCallback,
+        on_revoked: PartitionsCallback,
+        on_lost: PartitionsCallback,
+    ) -> None:
+        try:
+            from confluent_kafka import Consumer, KafkaException
+        except ImportError as exc:  # pragma: no cover - the extra is part of the test install
+            raise ConsumerError("kafka.client 'confluent' needs the confluent-kafka package: "
+                                "pip install 'nlpstream[confluent]'") from exc
+        self._callbacks = (on_assigned, on_revoked, on_lost)
+        self._error_logged: dict[Any, float] = {}
+        self._refused = _refused_codes()
+        self._kafka_exception = KafkaException
+        conf = librdkafka_config(connection)
+        self._admin_conf = dict(conf, logger=logging.getLogger("nlpstream.consumers.librdkafka"))
+        self._admin: Any = None  # made on first use: beginning and end offsets
+        conf.update({
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": settings.auto_offset_reset,
+            "max.poll.interval.ms": settings.max_poll_interval_ms,
+            "session.timeout.ms": settings.session_timeout_ms,
+            "max.partition.fetch.bytes": settings.max_partition_fetch_bytes,
+            "fetch.max.bytes": settings.fetch_max_bytes,
+            "receive.message.max.bytes": settings.fetch_max_bytes + (1 << 20),
+            "error_cb": self._on_error,
+            "logger": logging.getLogger("nlpstream.consumers.librdkafka"),
+        })
+        if settings.group_instance_id:
+            conf["group.instance.id"] = settings.group_instance_id
+        try:
+            self._consumer = Consumer(conf)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise KafkaUnavailableError(connect_error(connection, exc)) from exc
+        self._max_records = settings.max_poll_records
+        self._assigned: set[TP] = set()  # kept by the callbacks (the loop asks for it several times a round)
+        self._starts: dict[TP, int] = {}  # the position of a partition with no record handed out since it was set
+        self._reset = settings.auto_offset_reset
+        self._paused: set[TP] = set()
+        self._assigning: dict[TP, int] | None = None  # inside on_assign: the start offsets asked for by seek
+        self._pause_after_assign: set[TP] = set()
+        self._closing = False
+        self._last_poll_warning = 0.0
+        self._consumer.subscribe(list(settings.topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+
+    # -- callbacks (polling thread, inside consume) --------------------------------------
+    def _on_error(self, error: Any) -> None:
+        """librdkafka's client-level errors (brokers down, TLS refused), once per kind per 10 s: it retries them."""
+        now, code = time.monotonic(), getattr(error, "code", lambda: None)()
+        if now - self._error_logged.get(code, -1e9) > 10.0:
+            self._error_logged[code] = now
+            log.warning("kafka client: %s", error)
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        from confluent_kafka import TopicPartition
+
+        tps = sorted((p.topic, p.partition) for p in partitions)
+        self._assigning, self._pause_after_assign = {}, set()
+        try:
+            self._callbacks[0](tps)
+            asked = self._assigning
+        finally:
+            self._assigning = None
+        starts = self._start_offsets(consumer, tps, asked)
+        consumer.assign([TopicPartition(t, p, starts.get((t, p), _OFFSET_INVALID)) for t, p in tps])
+        self._assigned = set(tps)
+        self._starts = starts
+        paused = self._pause_after_assign & set(tps)
+        if paused:
+            consumer.pause([TopicPartition(t, p) for t, p in sorted(paused)])
+            self._paused |= paused
+
+    def _start_offsets(self, consumer: Any, tps: list[TP], asked: dict[TP, int]) -> dict[TP, int]:
+        """Where each partition starts: the job's seek, else the group's committed offset, else the reset policy.
+
+        Resolved here rather than left to librdkafka because its position is
+        only known once a record of the partition has been handed out; the
+        job's idle timer and fetch-stall guard need it before (a partition
+        with nothing new must count as caught up). If the brokers do not
+        answer in time, librdkafka resolves the rest itself and those
+        positions stay unknown until their first record.
+        """
+        from confluent_kafka import TopicPartition
+
+        starts = dict(asked)
+        rest = [tp for tp in tps if tp not in starts]
+        if not rest:
+            return starts
+        try:
+            for tp in consumer.committed([TopicPartition(t, p) for t, p in rest], timeout=10.0):
+                if tp.offset >= 0:
+                    starts[(tp.topic, tp.partition)] = tp.offset
+            reset = [tp for tp in rest if tp not in starts]
+            if reset:
+                starts.update(self._watermarks(reset, 10.0, 0 if self._reset == "earliest" else 1))
+        except Exception as exc:  # noqa: BLE001 - librdkafka resolves them itself
+            log.warning("start offsets of %s not read (%s): the client resolves them", rest, exc)
+        return starts
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = sorted((p.topic, p.partition) for p in partitions)
+        self._paused.difference_update(tps)
+        try:
+            if not self._closing:
+                self._callbacks[1](tps)
+        finally:
+            self._assigned.difference_update(tps)
+            for tp in tps:
+                self._starts.pop(tp, None)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = sorted((p.topic, p.partition) for p in partitions)
+        self._paused.difference_update(tps)
+        try:
+            if not self._closing:
+                self._callbacks[2](tps)
+        finally:
+            self._assigned.difference_update(tps)
+            for tp in tps:
+                self._starts.pop(tp, None)
+
+    # -- the loop's calls ------------------------------------------------------------------
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list[InputRecord]:
+        """Fetch available records (waits at most ``timeout_s``), in offset order per partition."""
+        try:
+            messages = self._consumer.consume(num_messages=max_records or self._max_records, timeout=timeout_s)
+        except self._kafka_exception as exc:  # broker or group trouble: keep the loop alive, retry next poll
+            self._warn_poll(exc)
+            time.sleep(min(timeout_s, 1.0))
+            return []
+        records = []
+        append = records.append
+        for m in messages:
+            if m.error() is not None:  # a client-side event (an unknown topic, a partition error): not a record
+                self._warn_poll(m.error())
+                continue
+            ts_type, ts = m.timestamp()
+            headers = m.headers()
+            append(InputRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
+                               ts if ts_type and ts >= 0 else 0, tuple(headers) if headers else ()))
+        if self._starts and records:  # librdkafka knows these positions now
+            for tp in {(r.topic, r.partition) for r in records}:
+                self._starts.pop(tp, None)
+        return records
+
+    def _warn_poll(self, error: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_poll_warning > 10.0:
+            log.warning("poll failed, retrying: %s", error)
+            self._last_poll_warning = now
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Set the next offset to fetch for an assigned partition (inside the assignment callback: its start)."""
+        if self._assigning is not None:
+            self._assigning[(topic, partition)] = offset
+            return
+        from confluent_kafka import TopicPartition
+
+        try:
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        except self._kafka_exception as exc:
+            raise ConsumerError(f"seek {topic}-{partition} to {offset} failed: {exc}") from exc
+        self._starts[(topic, partition)] = offset
+
+    def commit(self, offsets: dict[TP, int]) -> bool:
+        """Commit ``next offset to read`` per partition; False when the group refused it after a rebalance."""
+        if not offsets:
+            return True
+        from confluent_kafka import TopicPartition
+
+        try:
+            result = self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                           asynchronous=False)
+        except self._kafka_exception as exc:
+            error = exc.args[0] if exc.args else None
+            if error is not None and getattr(error, "code", lambda: None)() in self._refused:
+                log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): "
+                         "%s", error)
+                return False
+            raise ConsumerError(f"offset commit failed: {exc}") from exc
+        failed = [tp for tp in result or () if tp.error is not None]
+        if failed:
+            if all(tp.error.code() in self._refused for tp in failed):
+                log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): "
+                         "%s", failed[0].error)
+                return False
+            raise ConsumerError(f"offset commit failed: {failed[0].topic}-{failed[0].partition}: {failed[0].error}")
+        return True
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset for a partition (network call; not from callbacks)."""
+        return self.committed_offsets([(topic, partition)])[(topic, partition)]
+
+    def committed_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int | None]:
+        """The group's committed offsets (None: never committed); raises KafkaException after ``timeout_s``."""
+        from confluent_kafka import TopicPartition
+
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        found = self._consumer.committed(tps, timeout=timeout_s)
+        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+    def beginning_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
+        """Log start offsets from the brokers; raises KafkaException (or a timeout) after ``timeout_s``."""
+        return self._watermarks(partitions, timeout_s, 0)
+
+    def end_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
+        """End offsets from the brokers; raises KafkaException (or a timeout) after ``timeout_s``."""
+        return self._watermarks(partitions, timeout_s, 1)
+
+    def _watermarks(self, partitions: Iterable[TP], timeout_s: float, which: int) -> dict[TP, int]:
+        """One ListOffsets request through an admin client of its own (the consumer's connection would queue it
+        behind a fetch that may wait ``fetch.wait.max.ms``: half a second a partition, measured)."""
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
+        tps = list(partitions)
+        if not tps:
+            return {}
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_conf)
+        spec = OffsetSpec.earliest() if which == 0 else OffsetSpec.latest()
+        futures = self._admin.list_offsets({TopicPartition(t, p): spec for t, p in tps}, request_timeout=timeout_s)
+        return {(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
+
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """Last known end offset of an assigned partition (from its fetches), or None before the first fetch."""
+        from confluent_kafka import TopicPartition
+
+        try:
+            high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
+        except self._kafka_exception:
+            return None
+        return high if high >= 0 else None
+
+    def position(self, topic: str, partition: int) -> int | None:
+        """The next offset this consumer hands out, or None while it is not known (never blocks)."""
+        from confluent_kafka import TopicPartition
+
+        if (topic, partition) not in self._assigned:
+            return None
+        start = self._starts.get((topic, partition))
+        if start is not None:
+            return start
+        try:
+            offset = self._consumer.position([TopicPartition(topic, partition)])[0].offset
+        except self._kafka_exception:
+            return None
+        return offset if offset >= 0 else None
+
+    def fetch_state(self) -> str:
+        """Best-effort description of the client's fetch state, for the log when fetching stalls."""
+        return f"client=confluent-kafka (librdkafka), assigned={self.assignment()}, paused={sorted(self._paused)}"
+
+    def assignment(self) -> list[TP]:
+        return sorted(self._assigned)
+
+    def pause(self, partitions: Iterable[TP]) -> None:
+        tps = list(partitions)
+        if self._assigning is not None:  # inside the assignment callback: paused once assigned
+            self._pause_after_assign.update(tps)
+            return
+        if tps:
+            from confluent_kafka import TopicPartition
+
+            self._consumer.pause([TopicPartition(t, p) for t, p in tps])
+            self._paused.update(tps)
+
+    def resume(self, partitions: Iterable[TP]) -> None:
+        tps = list(partitions)
+        if tps:
+            from confluent_kafka import TopicPartition
+
+            try:
+                self._consumer.resume([TopicPartition(t, p) for t, p in tps])
+            except self._kafka_exception as exc:  # a partition revoked meanwhile: nothing to resume
+                log.debug("resume %s: %s", tps, exc)
+            self._paused.difference_update(tps)
+
+    def close(self) -> None:
+        """Leave the group. Never commits, and runs none of the job's rebalance callbacks."""
+        self._closing = True
+        try:
+            self._consumer.close()
+        finally:
+            self._assigned.clear()
+            self._starts.clear()

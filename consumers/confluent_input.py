@@ -5,23 +5,38 @@ batches in C on its own threads, where kafka-python parses every record in
 Python on the polling thread (about a third of the instant-engine job's time
 with kafka-python, see README "Performance").
 
-What the job relies on, and how it maps here:
+What the job relies on, and how it maps here (kafka-python's behaviour is
+the reference):
 
 - Rebalance callbacks run on the polling thread, inside :meth:`poll`, as
-  with kafka-python 2.x. The group uses the eager protocol (librdkafka's
-  default assignors, ``range,roundrobin``, which kafka-python members share,
-  so a group may mix both clients).
+  with kafka-python 2.x. The group protocol is pinned to the classic eager
+  one with kafka-python's assignors (``range,roundrobin``), so a group may
+  mix both clients.
 - Where a newly assigned partition starts: the job's assignment callback
   calls :meth:`seek` (where its files end). librdkafka cannot seek a
   partition before it is assigned, so seeks and pauses asked for inside the
-  callback are collected and the partitions are assigned with those start
-  offsets right after it (``assign`` from ``on_assign``); the others start at
-  the committed offset or the reset policy.
-- :meth:`close` leaves the group without running the job's revocation
-  callback (librdkafka would run it from ``close``): the caller settles its
-  own state, as with :class:`KafkaInput`.
+  callback are collected and the partitions are assigned with explicit start
+  offsets right after it (``assign`` from ``on_assign``): the seek, else the
+  committed offset, else the reset policy; a start outside the log's range
+  takes the reset policy, as either client would on the first fetch.
+- Positions: librdkafka knows one only once a record of the partition has
+  been handed out; until then :meth:`position` answers the start offset, so
+  a caught-up partition counts as caught up (the idle timer, the fetch-stall
+  guard). librdkafka's own position moves past transaction markers.
+- A new assignment starts unpaused (librdkafka would keep an earlier pause
+  through a revocation) unless the job paused it in its callback.
+- ``isolation.level`` is ``read_uncommitted``, as kafka-python: records of
+  aborted transactions are read too, so output does not depend on the client.
+- :meth:`close` leaves the group without running the job's callbacks
+  (librdkafka would run them from ``close``): the caller settles its own
+  state, as with :class:`KafkaInput`.
 - A commit the group refuses after a rebalance returns False; other
-  failures raise :class:`ConsumerError`.
+  failures raise :class:`ConsumerError`. A synchronous commit can wait up to
+  about ``session_timeout_ms`` while the group coordinator is away
+  (kafka-python gives up after 15 s).
+- A failure inside the assignment, or a fatal client error, raises
+  :class:`ConsumerError` from :meth:`poll`: the job stops and its supervisor
+  restarts it.
 
 Not supported with this client: ``kafka.transactions`` (the transactional
 producer is kafka-python's and commits offsets for its consumer's group
@@ -35,8 +50,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from nlpstream.consumers.client_config import ConnectionSettings, connect_error
-from nlpstream.consumers.errors import ConsumerError, KafkaUnavailableError
+from nlpstream.consumers.client_config import ConnectionSettings
+from nlpstream.consumers.errors import ConsumerError
 from nlpstream.consumers.kafka_input import TP, ConsumerSettings, PartitionsCallback
 from nlpstream.consumers.records import InputRecord
 
@@ -69,18 +84,19 @@ def _refused_codes() -> frozenset[int]:
     """Commit errors that mean "the group moved on": the records are redelivered to the next owner."""
     from confluent_kafka import KafkaError
 
-    names = ("REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "FENCED_INSTANCE_ID",
-             "_ASSIGNMENT_LOST", "_STATE")
+    names = ("REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "FENCED_INSTANCE_ID")
     return frozenset(getattr(KafkaError, n) for n in names if hasattr(KafkaError, n))
 
 
 class ConfluentInput:
     """Subscribes to topics as one member of a consumer group, through librdkafka.
 
-    Raises KafkaUnavailableError when the client cannot be created (a bad
-    setting, a TLS file that cannot be read). librdkafka connects lazily, so
-    unreachable brokers show up as empty polls, as with :class:`KafkaInput`
-    after start-up (the job waits for the brokers before it builds a consumer).
+    Raises ConsumerError when the client cannot be created (a setting
+    librdkafka refuses, a TLS file it cannot read). librdkafka connects
+    lazily, so unreachable brokers show up as empty polls, as with
+    :class:`KafkaInput` after start-up (the job waits for the brokers before
+    it builds a consumer). A fatal client error (static membership fenced)
+    raises ConsumerError from :meth:`poll`.
     """
 
     def __init__(
@@ -101,13 +117,19 @@ class ConfluentInput:
         self._refused = _refused_codes()
         self._kafka_exception = KafkaException
         conf = librdkafka_config(connection)
-        self._admin_conf = dict(conf, logger=logging.getLogger("nlpstream.consumers.librdkafka"))
+        self._admin_conf = dict(conf, logger=logging.getLogger("nlpstream.consumers.librdkafka"))  # served by poll(0)
         self._admin: Any = None  # made on first use: beginning and end offsets
         conf.update({
             "group.id": settings.group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": settings.auto_offset_reset,
+            # as kafka-python: aborted transactional records are read too, so output does not depend on the client
+            "isolation.level": "read_uncommitted",
+            # the eager protocol with kafka-python's assignors, pinned: one group may mix both clients, and
+            # assign() from on_assign is only right for it
+            "group.protocol": "classic",
+            "partition.assignment.strategy": "range,roundrobin",
             "max.poll.interval.ms": settings.max_poll_interval_ms,
             "session.timeout.ms": settings.session_timeout_ms,
             "max.partition.fetch.bytes": settings.max_partition_fetch_bytes,
@@ -121,12 +143,14 @@ class ConfluentInput:
         try:
             self._consumer = Consumer(conf)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise KafkaUnavailableError(connect_error(connection, exc)) from exc
+            raise ConsumerError(f"cannot create the confluent-kafka consumer: {exc}") from exc
         self._max_records = settings.max_poll_records
         self._assigned: set[TP] = set()  # kept by the callbacks (the loop asks for it several times a round)
         self._starts: dict[TP, int] = {}  # the position of a partition with no record handed out since it was set
         self._reset = settings.auto_offset_reset
         self._paused: set[TP] = set()
+        self._ever_paused: set[TP] = set()  # librdkafka keeps a pause through revocation and a new assignment
+        self._fatal: Any = None
         self._assigning: dict[TP, int] | None = None  # inside on_assign: the start offsets asked for by seek
         self._pause_after_assign: set[TP] = set()
         self._closing = False
@@ -138,6 +162,8 @@ class ConfluentInput:
     def _on_error(self, error: Any) -> None:
         """librdkafka's client-level errors (brokers down, TLS refused), once per kind per 10 s: it retries them."""
         now, code = time.monotonic(), getattr(error, "code", lambda: None)()
+        if getattr(error, "fatal", lambda: False)():
+            self._fatal = error  # the client cannot go on: poll raises it
         if now - self._error_logged.get(code, -1e9) > 10.0:
             self._error_logged[code] = now
             log.warning("kafka client: %s", error)
@@ -145,21 +171,30 @@ class ConfluentInput:
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         from confluent_kafka import TopicPartition
 
+        if self._closing:  # an assignment served by close(): librdkafka assigns and revokes it without the job
+            return
         tps = sorted((p.topic, p.partition) for p in partitions)
         self._assigning, self._pause_after_assign = {}, set()
         try:
             self._callbacks[0](tps)
             asked = self._assigning
+            starts = self._start_offsets(consumer, tps, asked)
+            consumer.assign([TopicPartition(t, p, starts.get((t, p), _OFFSET_INVALID)) for t, p in tps])
+            self._assigned, self._starts = set(tps), starts
+            paused = self._pause_after_assign & set(tps)
+            # as kafka-python, a new assignment starts unpaused unless the job paused it just now
+            unpause = [TopicPartition(t, p) for t, p in tps if (t, p) in self._ever_paused and (t, p) not in paused]
+            if unpause:
+                consumer.resume(unpause)
+            self._ever_paused -= set(tps) - paused
+            if paused:
+                consumer.pause([TopicPartition(t, p) for t, p in sorted(paused)])
+                self._paused |= paused
+                self._ever_paused |= paused
+        except Exception as exc:  # noqa: BLE001 - not a KafkaException: the loop must stop, not retry the poll
+            raise ConsumerError(f"partition assignment failed: {exc}") from exc
         finally:
             self._assigning = None
-        starts = self._start_offsets(consumer, tps, asked)
-        consumer.assign([TopicPartition(t, p, starts.get((t, p), _OFFSET_INVALID)) for t, p in tps])
-        self._assigned = set(tps)
-        self._starts = starts
-        paused = self._pause_after_assign & set(tps)
-        if paused:
-            consumer.pause([TopicPartition(t, p) for t, p in sorted(paused)])
-            self._paused |= paused
 
     def _start_offsets(self, consumer: Any, tps: list[TP], asked: dict[TP, int]) -> dict[TP, int]:
         """Where each partition starts: the job's seek, else the group's committed offset, else the reset policy.
@@ -173,20 +208,25 @@ class ConfluentInput:
         """
         from confluent_kafka import TopicPartition
 
+        if not tps:
+            return {}
         starts = dict(asked)
-        rest = [tp for tp in tps if tp not in starts]
-        if not rest:
-            return starts
         try:
-            for tp in consumer.committed([TopicPartition(t, p) for t, p in rest], timeout=10.0):
-                if tp.offset >= 0:
+            for tp in consumer.committed([TopicPartition(t, p) for t, p in tps if (t, p) not in starts], timeout=10.0):
+                if tp.error is None and tp.offset >= 0:
                     starts[(tp.topic, tp.partition)] = tp.offset
-            reset = [tp for tp in rest if tp not in starts]
-            if reset:
-                starts.update(self._watermarks(reset, 10.0, 0 if self._reset == "earliest" else 1))
+                elif tp.error is not None:  # unknown, not "never committed": librdkafka resolves it
+                    starts[(tp.topic, tp.partition)] = _OFFSET_INVALID
+            # out of the log's range (retention deleted it, or nothing committed): the reset policy, as librdkafka
+            low, high = self._watermarks(tps, 10.0, 0), self._watermarks(tps, 10.0, 1)
+            for tp in tps:
+                start = starts.get(tp)
+                if start != _OFFSET_INVALID and (start is None or not low[tp] <= start <= high[tp]):
+                    starts[tp] = low[tp] if self._reset == "earliest" else high[tp]
         except Exception as exc:  # noqa: BLE001 - librdkafka resolves them itself
-            log.warning("start offsets of %s not read (%s): the client resolves them", rest, exc)
-        return starts
+            log.warning("start offsets of %s not read (%s): the client resolves them", tps, exc)
+            return dict(asked)
+        return {tp: start for tp, start in starts.items() if start != _OFFSET_INVALID}
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         tps = sorted((p.topic, p.partition) for p in partitions)
@@ -213,6 +253,8 @@ class ConfluentInput:
     # -- the loop's calls ------------------------------------------------------------------
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[InputRecord]:
         """Fetch available records (waits at most ``timeout_s``), in offset order per partition."""
+        if self._fatal is not None:
+            raise ConsumerError(f"the consumer failed and cannot go on: {self._fatal}")
         try:
             messages = self._consumer.consume(num_messages=max_records or self._max_records, timeout=timeout_s)
         except self._kafka_exception as exc:  # broker or group trouble: keep the loop alive, retry next poll
@@ -229,9 +271,6 @@ class ConfluentInput:
             headers = m.headers()
             append(InputRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
                                ts if ts_type and ts >= 0 else 0, tuple(headers) if headers else ()))
-        if self._starts and records:  # librdkafka knows these positions now
-            for tp in {(r.topic, r.partition) for r in records}:
-                self._starts.pop(tp, None)
         return records
 
     def _warn_poll(self, error: Any) -> None:
@@ -290,6 +329,9 @@ class ConfluentInput:
         if not tps:
             return {}
         found = self._consumer.committed(tps, timeout=timeout_s)
+        failed = [tp for tp in found if tp.error is not None]
+        if failed:
+            raise ConsumerError(f"committed offset of {failed[0].topic}-{failed[0].partition}: {failed[0].error}")
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in found}
 
     def beginning_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
@@ -313,7 +355,10 @@ class ConfluentInput:
             self._admin = AdminClient(self._admin_conf)
         spec = OffsetSpec.earliest() if which == 0 else OffsetSpec.latest()
         futures = self._admin.list_offsets({TopicPartition(t, p): spec for t, p in tps}, request_timeout=timeout_s)
-        return {(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
+        try:
+            return {(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
+        finally:
+            self._admin.poll(0)  # delivers the admin client's logs
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """Last known end offset of an assigned partition (from its fetches), or None before the first fetch."""
@@ -326,19 +371,25 @@ class ConfluentInput:
         return high if high >= 0 else None
 
     def position(self, topic: str, partition: int) -> int | None:
-        """The next offset this consumer hands out, or None while it is not known (never blocks)."""
+        """The next offset this consumer hands out, or None while it is not known (never blocks).
+
+        librdkafka's own position once it has one (it moves past transaction
+        markers too); before that (a partition with no record handed out since
+        its assignment or a seek) the start offset set then.
+        """
         from confluent_kafka import TopicPartition
 
-        if (topic, partition) not in self._assigned:
+        tp = (topic, partition)
+        if tp not in self._assigned:
             return None
-        start = self._starts.get((topic, partition))
-        if start is not None:
-            return start
         try:
             offset = self._consumer.position([TopicPartition(topic, partition)])[0].offset
         except self._kafka_exception:
-            return None
-        return offset if offset >= 0 else None
+            offset = _OFFSET_INVALID
+        if offset >= 0:
+            self._starts.pop(tp, None)
+            return offset
+        return self._starts.get(tp)
 
     def fetch_state(self) -> str:
         """Best-effort description of the client's fetch state, for the log when fetching stalls."""
@@ -357,6 +408,7 @@ class ConfluentInput:
 
             self._consumer.pause([TopicPartition(t, p) for t, p in tps])
             self._paused.update(tps)
+            self._ever_paused.update(tps)
 
     def resume(self, partitions: Iterable[TP]) -> None:
         tps = list(partitions)
@@ -368,6 +420,7 @@ class ConfluentInput:
             except self._kafka_exception as exc:  # a partition revoked meanwhile: nothing to resume
                 log.debug("resume %s: %s", tps, exc)
             self._paused.difference_update(tps)
+            self._ever_paused.difference_update(tps)
 
     def close(self) -> None:
         """Leave the group. Never commits, and runs none of the job's rebalance callbacks."""

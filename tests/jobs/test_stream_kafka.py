@@ -356,8 +356,9 @@ def test_resume_from_files_commits_the_resumed_positions_and_lag_is_true(kafka_b
     assert read_output(tmp_path).num_rows == n + 3
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(kafka_bootstrap, make_topic, unique,
-                                                                                 tmp_path, engine):
+                                                                                 tmp_path, engine, client):
     """A group whose committed offset is 0 shows its real committed lag while the sink is stuck; records written
     in a transaction end with a commit marker that holds no record, and the committed offset still reaches the end."""
     from confluent_kafka import Producer
@@ -382,8 +383,8 @@ def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(
     stuck = tmp_path / f"topic={topic}"
     stuck.mkdir()
     subprocess.run(["chattr", "+i", str(stuck)], check=True)
-    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=60.0, group=group, metrics_port=0),
-                    engine=engine)
+    job = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=60.0, group=group, metrics_port=0,
+                           client=client), engine=engine)
     runner = threading.Thread(target=job.run)
     key = f'nlpstream_consumer_committed_lag{{partition="0",topic="{topic}"}}'
     released = False
@@ -411,6 +412,19 @@ def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(
         job.stop()
         runner.join(timeout=90)
     assert sorted(read_output(tmp_path).column("offset").to_pylist()) == list(range(n))
+    # a new group over these files starts at the commit marker (where the files end): it is caught up, commits
+    # past the marker and its idle timeout ends it
+    again = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=3.0, group=f"{unique}-again",
+                             client=client), engine=engine)
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.setdefault("summary", again.run()))
+    runner.start()
+    runner.join(timeout=90)
+    if runner.is_alive():
+        again.stop()
+        runner.join(timeout=60)
+    assert "summary" in done and done["summary"].labeled == 0, "the idle timeout did not end the caught-up job"
+    assert committed(kafka_bootstrap, f"{unique}-again", topic, 1) == [n + 1]
 
 
 def test_a_part_that_cannot_be_built_closes_the_parts_built_before_it(kafka_bootstrap, unique, tmp_path, engine,

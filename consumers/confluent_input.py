@@ -18,7 +18,9 @@ the reference):
   callback are collected and the partitions are assigned with explicit start
   offsets right after it (``assign`` from ``on_assign``): the seek, else the
   committed offset, else the reset policy; a start outside the log's range
-  takes the reset policy, as either client would on the first fetch.
+  takes the reset policy, as either client would on the first fetch. When
+  the brokers do not answer these reads in time, librdkafka resolves the
+  start itself and the position stays unknown until the first record.
 - Positions: librdkafka knows one only once a record of the partition has
   been handed out; until then :meth:`position` answers the start offset, so
   a caught-up partition counts as caught up (the idle timer, the fetch-stall
@@ -34,9 +36,11 @@ the reference):
   failures raise :class:`ConsumerError`. A synchronous commit can wait up to
   about ``session_timeout_ms`` while the group coordinator is away
   (kafka-python gives up after 15 s).
-- A failure inside the assignment, or a fatal client error, raises
-  :class:`ConsumerError` from :meth:`poll`: the job stops and its supervisor
-  restarts it.
+- A failure inside the assignment, or a fatal client error (a static
+  member fenced), raises :class:`ConsumerError` from :meth:`poll` (an
+  assignment's failure once that poll's timeout ends, dropping what it
+  fetched: nothing of it was handed out or committed): the job stops and its
+  supervisor restarts it.
 
 Not supported with this client: ``kafka.transactions`` (the transactional
 producer is kafka-python's and commits offsets for its consumer's group
@@ -211,22 +215,29 @@ class ConfluentInput:
         if not tps:
             return {}
         starts = dict(asked)
+        unsought = [TopicPartition(t, p) for t, p in tps if (t, p) not in starts]
         try:
-            for tp in consumer.committed([TopicPartition(t, p) for t, p in tps if (t, p) not in starts], timeout=10.0):
+            for tp in consumer.committed(unsought, timeout=10.0) if unsought else ():
                 if tp.error is None and tp.offset >= 0:
                     starts[(tp.topic, tp.partition)] = tp.offset
                 elif tp.error is not None:  # unknown, not "never committed": librdkafka resolves it
                     starts[(tp.topic, tp.partition)] = _OFFSET_INVALID
-            # out of the log's range (retention deleted it, or nothing committed): the reset policy, as librdkafka
-            low, high = self._watermarks(tps, 10.0, 0), self._watermarks(tps, 10.0, 1)
-            for tp in tps:
-                start = starts.get(tp)
-                if start != _OFFSET_INVALID and (start is None or not low[tp] <= start <= high[tp]):
-                    starts[tp] = low[tp] if self._reset == "earliest" else high[tp]
         except Exception as exc:  # noqa: BLE001 - librdkafka resolves them itself
-            log.warning("start offsets of %s not read (%s): the client resolves them", tps, exc)
-            return dict(asked)
-        return {tp: start for tp, start in starts.items() if start != _OFFSET_INVALID}
+            log.warning("committed offsets of %s not read (%s): the client resolves them", unsought, exc)
+            for tp in unsought:
+                starts.setdefault((tp.topic, tp.partition), _OFFSET_INVALID)
+        # out of the log's range (retention deleted it, or nothing committed): the reset policy, as librdkafka
+        known = [tp for tp in tps if starts.get(tp) != _OFFSET_INVALID]
+        try:
+            low, high = self._watermarks_both(known, 10.0)
+        except Exception as exc:  # noqa: BLE001 - the seeks and committed offsets stand; the client resets the rest
+            log.warning("log ranges of %s not read (%s): starts not checked against them", known, exc)
+        else:
+            for tp in known:
+                start = starts.get(tp)
+                if start is None or not low[tp] <= start <= high[tp]:
+                    starts[tp] = low[tp] if self._reset == "earliest" else high[tp]
+        return {tp: start for tp, start in starts.items() if start is not None and start != _OFFSET_INVALID}
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         tps = sorted((p.topic, p.partition) for p in partitions)
@@ -258,6 +269,9 @@ class ConfluentInput:
         try:
             messages = self._consumer.consume(num_messages=max_records or self._max_records, timeout=timeout_s)
         except self._kafka_exception as exc:  # broker or group trouble: keep the loop alive, retry next poll
+            error = exc.args[0] if exc.args else None
+            if self._is_fatal(error):
+                raise ConsumerError(f"the consumer failed and cannot go on: {error}") from exc
             self._warn_poll(exc)
             time.sleep(min(timeout_s, 1.0))
             return []
@@ -265,6 +279,8 @@ class ConfluentInput:
         append = records.append
         for m in messages:
             if m.error() is not None:  # a client-side event (an unknown topic, a partition error): not a record
+                if self._is_fatal(m.error()):  # librdkafka hands a group consumer's fatal error out as an event
+                    raise ConsumerError(f"the consumer failed and cannot go on: {m.error()}")
                 self._warn_poll(m.error())
                 continue
             ts_type, ts = m.timestamp()
@@ -272,6 +288,11 @@ class ConfluentInput:
             append(InputRecord(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
                                ts if ts_type and ts >= 0 else 0, tuple(headers) if headers else ()))
         return records
+
+    def _is_fatal(self, error: Any) -> bool:
+        from confluent_kafka import KafkaError
+
+        return error is not None and hasattr(error, "code") and (error.code() == KafkaError._FATAL or error.fatal())
 
     def _warn_poll(self, error: Any) -> None:
         now = time.monotonic()
@@ -322,7 +343,10 @@ class ConfluentInput:
         return self.committed_offsets([(topic, partition)])[(topic, partition)]
 
     def committed_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int | None]:
-        """The group's committed offsets (None: never committed); raises KafkaException after ``timeout_s``."""
+        """The group's committed offsets (None: never committed).
+
+        Raises KafkaException after ``timeout_s``, ConsumerError when a partition's offset could not be read.
+        """
         from confluent_kafka import TopicPartition
 
         tps = [TopicPartition(t, p) for t, p in partitions]
@@ -341,6 +365,24 @@ class ConfluentInput:
     def end_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         """End offsets from the brokers; raises KafkaException (or a timeout) after ``timeout_s``."""
         return self._watermarks(partitions, timeout_s, 1)
+
+    def _watermarks_both(self, partitions: list[TP], timeout_s: float) -> tuple[dict[TP, int], dict[TP, int]]:
+        """Log start and end offsets, both requests in flight at once."""
+        from confluent_kafka import TopicPartition
+        from confluent_kafka.admin import AdminClient, OffsetSpec
+
+        if not partitions:
+            return {}, {}
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_conf)
+        asked = [self._admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=timeout_s)
+                 for spec in (OffsetSpec.earliest(), OffsetSpec.latest())]
+        try:
+            low, high = ({(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset
+                          for tp, fut in futures.items()} for futures in asked)
+        finally:
+            self._admin.poll(0)
+        return low, high
 
     def _watermarks(self, partitions: Iterable[TP], timeout_s: float, which: int) -> dict[TP, int]:
         """One ListOffsets request through an admin client of its own (the consumer's connection would queue it

@@ -182,3 +182,33 @@ def test_a_partition_paused_before_a_rebalance_is_fetched_once_assigned_again(ka
         assert sorted((r.partition, r.offset) for r in got) == [(p, o) for p in (0, 1) for o in range(3)]
     finally:
         a.close()
+
+
+def test_confluent_static_member_fenced_stops_with_a_consumer_error(kafka_bootstrap, make_topic, unique):
+    """A second member with the same group.instance.id fences the first: librdkafka's fatal error ends its polls."""
+    from nlpstream.consumers.errors import ConsumerError
+
+    topic = make_topic(unique, partitions=1)
+    settings = ConsumerSettings((topic,), f"{unique}-g", group_instance_id="pod-0", session_timeout_ms=6000)
+    first = ConfluentInput(ConnectionSettings(kafka_bootstrap), settings, lambda _: None, lambda _: None,
+                           lambda _: None)
+    second = None
+    try:
+        deadline = time.monotonic() + 30
+        while not first.assignment() and time.monotonic() < deadline:
+            first.poll(timeout_s=0.2)
+        assert first.assignment() == [(topic, 0)]
+        second = ConfluentInput(ConnectionSettings(kafka_bootstrap), settings, lambda _: None, lambda _: None,
+                                lambda _: None)
+        deadline = time.monotonic() + 30
+        while not second.assignment() and time.monotonic() < deadline:
+            second.poll(timeout_s=0.2)
+        assert second.assignment() == [(topic, 0)]
+        with pytest.raises(ConsumerError, match="cannot go on"):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                first.poll(timeout_s=0.2)
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

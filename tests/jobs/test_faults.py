@@ -98,18 +98,19 @@ def test_group_member_killed_and_another_added(kafka_bootstrap, make_topic, uniq
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
     env = CONFLUENT if clients == "mixed" else None
-    a = stream_proc(kafka_bootstrap, topic, out, group, log=log, env=env)
+    own_log = tmp_path / "confluent.log" if clients == "mixed" else log  # the confluent members' own log
+    a = stream_proc(kafka_bootstrap, topic, out, group, log=own_log, env=env)
     b = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log)
     wait_for(lambda: rows_in(out) > 600, 180, "both members writing", b)
     a.kill()
     a.wait(timeout=30)
     wait_for(lambda: rows_in(out) > 1500, 180, "progress after the kill", b)
-    c = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=log, env=env)
+    c = stream_proc(kafka_bootstrap, topic, out, group, "--idle-timeout", "10", log=own_log, env=env)
     assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
-    assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert c.wait(timeout=600) == 0, own_log.read_text()[-3000:]
     result = exactness(out, parts, n)
-    if clients == "mixed":
-        assert "rebuilding the consumer" not in log.read_text()
+    if clients == "mixed":  # the kafka-python member may rebuild after a client-side fetch stall; these may not
+        assert "rebuilding the consumer" not in own_log.read_text()
     report(f"consumer group ({clients} clients): one member killed, one added", 2, n, result,
            f"(supervisor restarts after a stall: {restarts_of(a, b, c)})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}

@@ -414,7 +414,7 @@ def test_transactional_topic_and_a_group_reset_to_zero_reach_committed_lag_zero(
     assert sorted(read_output(tmp_path).column("offset").to_pylist()) == list(range(n))
     # a new group over these files starts at the commit marker (where the files end): it is caught up, commits
     # past the marker and its idle timeout ends it
-    again = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=3.0, group=f"{unique}-again",
+    again = StreamJob(config(kafka_bootstrap, topic, tmp_path, idle_timeout=10.0, group=f"{unique}-again",
                              client=client), engine=engine)
     done: dict = {}
     runner = threading.Thread(target=lambda: done.setdefault("summary", again.run()))

@@ -229,7 +229,7 @@ class ConfluentInput:
         # out of the log's range (retention deleted it, or nothing committed): the reset policy, as librdkafka
         known = [tp for tp in tps if starts.get(tp) != _OFFSET_INVALID]
         try:
-            low, high = self._watermarks_both(known, 10.0)
+            low, high = self._list_offsets(known, 10.0, "earliest", "latest")
         except Exception as exc:  # noqa: BLE001 - the seeks and committed offsets stand; the client resets the rest
             log.warning("log ranges of %s not read (%s): starts not checked against them", known, exc)
         else:
@@ -240,22 +240,18 @@ class ConfluentInput:
         return {tp: start for tp, start in starts.items() if start is not None and start != _OFFSET_INVALID}
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        tps = sorted((p.topic, p.partition) for p in partitions)
-        self._paused.difference_update(tps)
-        try:
-            if not self._closing:
-                self._callbacks[1](tps)
-        finally:
-            self._assigned.difference_update(tps)
-            for tp in tps:
-                self._starts.pop(tp, None)
+        self._taken_away(partitions, self._callbacks[1])
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        self._taken_away(partitions, self._callbacks[2])
+
+    def _taken_away(self, partitions: list[Any], callback: PartitionsCallback) -> None:
+        """Revoked or lost partitions: the job's callback (not during close), then they are forgotten here."""
         tps = sorted((p.topic, p.partition) for p in partitions)
         self._paused.difference_update(tps)
         try:
             if not self._closing:
-                self._callbacks[2](tps)
+                callback(tps)
         finally:
             self._assigned.difference_update(tps)
             for tp in tps:
@@ -360,45 +356,29 @@ class ConfluentInput:
 
     def beginning_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         """Log start offsets from the brokers; raises KafkaException (or a timeout) after ``timeout_s``."""
-        return self._watermarks(partitions, timeout_s, 0)
+        return self._list_offsets(partitions, timeout_s, "earliest")[0]
 
     def end_offsets(self, partitions: Iterable[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         """End offsets from the brokers; raises KafkaException (or a timeout) after ``timeout_s``."""
-        return self._watermarks(partitions, timeout_s, 1)
+        return self._list_offsets(partitions, timeout_s, "latest")[0]
 
-    def _watermarks_both(self, partitions: list[TP], timeout_s: float) -> tuple[dict[TP, int], dict[TP, int]]:
-        """Log start and end offsets, both requests in flight at once."""
-        from confluent_kafka import TopicPartition
-        from confluent_kafka.admin import AdminClient, OffsetSpec
-
-        if not partitions:
-            return {}, {}
-        if self._admin is None:
-            self._admin = AdminClient(self._admin_conf)
-        asked = [self._admin.list_offsets({TopicPartition(t, p): spec for t, p in partitions}, request_timeout=timeout_s)
-                 for spec in (OffsetSpec.earliest(), OffsetSpec.latest())]
-        try:
-            low, high = ({(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset
-                          for tp, fut in futures.items()} for futures in asked)
-        finally:
-            self._admin.poll(0)
-        return low, high
-
-    def _watermarks(self, partitions: Iterable[TP], timeout_s: float, which: int) -> dict[TP, int]:
-        """One ListOffsets request through an admin client of its own (the consumer's connection would queue it
-        behind a fetch that may wait ``fetch.wait.max.ms``: half a second a partition, measured)."""
+    def _list_offsets(self, partitions: Iterable[TP], timeout_s: float, *ends: str) -> list[dict[TP, int]]:
+        """Log start (``"earliest"``) or end (``"latest"``) offsets, one ListOffsets request per ``ends`` item, all
+        in flight at once, through an admin client of its own (the consumer's connection would queue them behind
+        a fetch that may wait ``fetch.wait.max.ms``: half a second a partition, measured)."""
         from confluent_kafka import TopicPartition
         from confluent_kafka.admin import AdminClient, OffsetSpec
 
         tps = list(partitions)
         if not tps:
-            return {}
+            return [{} for _ in ends]
         if self._admin is None:
             self._admin = AdminClient(self._admin_conf)
-        spec = OffsetSpec.earliest() if which == 0 else OffsetSpec.latest()
-        futures = self._admin.list_offsets({TopicPartition(t, p): spec for t, p in tps}, request_timeout=timeout_s)
+        asked = [self._admin.list_offsets({TopicPartition(t, p): getattr(OffsetSpec, end)() for t, p in tps},
+                                          request_timeout=timeout_s) for end in ends]
         try:
-            return {(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
+            return [{(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
+                    for futures in asked]
         finally:
             self._admin.poll(0)  # delivers the admin client's logs
 

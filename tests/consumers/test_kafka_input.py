@@ -212,3 +212,31 @@ def test_confluent_static_member_fenced_stops_with_a_consumer_error(kafka_bootst
         first.close()
         if second is not None:
             second.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_a_commit_after_the_group_moved_on_is_refused_not_raised(kafka_bootstrap, make_topic, unique, client):
+    """A member that stopped polling past max_poll_interval_ms lost its partitions: its commit returns False."""
+    topic = make_topic(unique, partitions=1)
+    produce(kafka_bootstrap, topic, json_messages(2, prefix=unique), partition=0)
+    settings = ConsumerSettings((topic,), f"{unique}-g", session_timeout_ms=6000, max_poll_interval_ms=6000)
+
+    def member():
+        return CLIENTS[client](ConnectionSettings(kafka_bootstrap), settings, lambda _: None, lambda _: None,
+                               lambda _: None)
+
+    stale, other = member(), None
+    try:
+        assert len(poll_until(stale, 2)) == 2
+        other = member()
+        deadline = time.monotonic() + 60
+        while other.assignment() != [(topic, 0)] and time.monotonic() < deadline:
+            other.poll(timeout_s=0.5)  # the stale member does not poll: the group moves on without it
+        assert other.assignment() == [(topic, 0)]
+        assert stale.commit({(topic, 0): 2}) is False
+        assert other.commit({(topic, 0): 1}) is True
+        assert other.committed_offsets([(topic, 0)]) == {(topic, 0): 1}
+    finally:
+        stale.close()
+        if other is not None:
+            other.close()

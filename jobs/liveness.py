@@ -8,7 +8,10 @@
   long batch is no stall) and tells the loop when the consumer must be
   rebuilt;
 - the idle timeout counts from the last record or assignment, and not while
-  a partition is known to hold more.
+  a partition is known to hold more; before the job stops for it, the
+  brokers' end offsets confirm that every assigned partition is read to its
+  end (a client that has not fetched since a broker restart or a rebalance
+  does not know its end offsets yet).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Liveness:
         self._progress: dict[TP, float] = {}  # poll clock when each partition was assigned or last gave a record
         self._next_fetch_check = 0.0
         self._assigned_at: dict[TP, float] = {}  # monotonic time of each partition's assignment (idle timeout)
+        self._idle_since = -1e18  # monotonic time the idle timer last started again after a refused confirmation
 
     # -- heartbeat and watchdog ---------------------------------------------------------
     def heartbeat(self) -> None:
@@ -111,7 +115,37 @@ class Liveness:
             if pos is None or (high is not None and pos < high):
                 return 0.0
         assigned_at = max(self._assigned_at.get(tp, 0.0) for tp in assigned)
-        return now - max(last_input, assigned_at)
+        return now - max(last_input, assigned_at, self._idle_since)
+
+    def idle_confirmed(self, now: float, idle_s: float) -> bool:
+        """The idle timer ran out (``idle_s`` seconds): True when the brokers' end offsets show every assigned
+        partition read to its end; otherwise (a partition holds more, or the end offsets cannot be read) the
+        timer starts again at ``now`` and the job goes on.
+
+        The timer trusts the client's own end offsets, which it learns only
+        from fetch responses: a consumer that has not fetched since a broker
+        restart or a new assignment knows positions but no end offsets, and
+        without this check would stop with records still unread.
+        """
+        state = self._state
+        assigned = state.input.assignment()
+        try:
+            ends = state.input.end_offsets(assigned, timeout_s=5.0)
+        except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports and retries it
+            log.info("no input for %.0fs, but the end offsets cannot be read (%s); going on", idle_s, exc)
+            self._idle_since = now
+            return False
+        behind = {}
+        for tp in assigned:
+            pos, end = state.input.position(*tp), ends.get(tp)
+            if pos is None or end is None or pos < end:
+                behind[tp] = (pos, end)
+        if not behind:
+            return True
+        log.info("no input for %.0fs, but partitions hold more (position, end offset): %s; going on", idle_s,
+                 ", ".join(f"{t}-{p} {v}" for (t, p), v in sorted(behind.items())))
+        self._idle_since = now
+        return False
 
     # -- fetch-stall guard ----------------------------------------------------------------------
     def fetch_stalled(self, now: float) -> bool:

@@ -176,8 +176,10 @@ class StreamJob:
                     self._rebuild_input()
                 if cfg.max_messages is not None and self.summary.consumed + self.summary.skipped >= cfg.max_messages:
                     break
-                if cfg.idle_timeout is not None and liveness.idle_for(now, last_input) >= cfg.idle_timeout:
-                    break
+                if cfg.idle_timeout is not None:
+                    idle_s = liveness.idle_for(now, last_input)
+                    if idle_s >= cfg.idle_timeout and liveness.idle_confirmed(now, idle_s):
+                        break
             self._final_flush()
         except DeviceError as exc:
             # No device is live: nothing of the batches in hand was written, dead-lettered or committed.

@@ -48,13 +48,14 @@ def queued(bootstrap: str, make_topic, unique: str, partitions: int, n: int) -> 
 
 
 def check_dirty(server, url: str, bucket: str, bootstrap: str, group: str, topic: str, parts: int, n: int,
-                prefix: str, what: str) -> dict[str, int]:
+                prefix: str, what: str, log: Path) -> dict[str, int]:
     """Each decodable message of the dirty corpus once in the objects, no hidden object, the whole topic
-    committed, each dead letter and alert once to a read_committed reader."""
+    committed, each dead letter and alert once to a read_committed reader (the job's ``log`` tail on failure)."""
     ids = good_ids(n, prefix)
     result = exactness_s3(server, url, parts, ids)
     result.pop("gaps")  # the dead letters' offsets are gaps in the rows
-    assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, result
+    assert result == {"rows": len(ids), "lost": 0, "duplicated": 0, "unexpected": 0, "partitions_seen": parts}, (
+        result, log.read_text()[-4000:])
     assert hidden_objects(server, bucket) == [], "temporary objects left visible to readers"
     assert committed(bootstrap, group, topic, parts) == end_offsets(bootstrap, topic, parts)
     table = read_back(server, url)
@@ -145,7 +146,7 @@ def test_kill_9_and_resume_on_s3(kafka_bootstrap, make_topic, unique, tmp_path, 
                         env=env)
     assert final.wait(timeout=300) == 0, log.read_text()[-3000:]
     result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
-                         f"kill -9 x{kills}")
+                         f"kill -9 x{kills}", log)
     report("kill -9 with s3:// output", kills, n, result,
            f"(rows before each kill: {seen_before_kill}; supervisor restarts after a stall: {stall_restarts})")
 
@@ -176,7 +177,7 @@ def test_write_permission_revoked_mid_stream_retries_without_committing(kafka_bo
     assert text.count("flush failed, retrying with backoff") == 1, "one WARNING per outage, not one per retry"
     assert "flush succeeded again after" in text and s3_server.secret not in text
     result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
-                         "write permission revoked")
+                         "write permission revoked", log)
     report("s3 write permission revoked for 7.5 s", 1, n, result, f"(rows when revoked: {rows_at_start})")
 
 
@@ -199,7 +200,7 @@ def test_group_member_killed_and_another_added_on_s3(kafka_bootstrap, make_topic
     assert b.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert c.wait(timeout=600) == 0, log.read_text()[-3000:]
     result = check_dirty(s3_server, url, s3_bucket, kafka_bootstrap, group, topic, parts, n, unique,
-                         "member killed, another added")
+                         "member killed, another added", log)
     report("s3: group member killed, another added", 1, n, result, f"(rows when killed: {killed_at})")
     assert killed_at < len(good_ids(n, unique)), "the group had finished before the kill"
 
@@ -225,7 +226,7 @@ def test_broker_stopped_20s_mid_stream_on_s3(unique, tmp_path, s3_server, s3_buc
         assert job.wait(timeout=600) == 0, log.read_text()[-3000:]
         assert stopped_at < len(good_ids(n, unique)), "the job had finished before the broker stopped"
         result = check_dirty(s3_server, url, s3_bucket, info.bootstrap_servers, group, unique, parts, n, unique,
-                             "broker stopped 20 s")
+                             "broker stopped 20 s", log)
         report("s3: broker stopped 20 s", 1, n, result, f"(rows when stopped: {stopped_at})")
     finally:
         kafka_local.stop(data)

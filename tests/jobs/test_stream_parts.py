@@ -183,6 +183,29 @@ def test_idle_time_starts_again_at_the_latest_assignment(monkeypatch):
     assert live.idle_for(60.0, last_input=10.0) == 10.0
 
 
+def test_idle_stop_waits_for_the_brokers_end_offsets_to_confirm_every_partition_is_read():
+    """A client that has not fetched since a broker restart knows positions but no end offsets: the timer runs
+    out, the brokers say the partition holds more, the job goes on and the timer starts again."""
+    state = SharedState(_config())
+    state.input = FakeInput(assigned=[T0, T1])
+    state.input.positions.update({T0: 5, T1: 7})
+    state.input.ends.update({T0: 9, T1: 7})  # T0 holds more; the client knows no end offset (highs empty)
+    live = Liveness(state)
+    assert live.idle_for(100.0, last_input=10.0) == 90.0
+    assert not live.idle_confirmed(100.0, 90.0)
+    assert live.idle_for(104.0, last_input=10.0) == 4.0  # the timer started again at the refusal
+    state.input.positions[T0] = 9  # read to its end
+    assert live.idle_confirmed(120.0, 20.0)
+    state.input.ends.pop(T1)  # an end offset the brokers did not give: not confirmed
+    assert not live.idle_confirmed(130.0, 10.0)
+    state.input.ends[T1] = 7
+    state.input.end_offsets_error = TimeoutError("broker away")  # unreadable end offsets: not confirmed either
+    assert not live.idle_confirmed(140.0, 10.0)
+    assert live.idle_for(141.0, last_input=10.0) == 1.0
+    state.input.end_offsets_error = None
+    assert live.idle_confirmed(150.0, 10.0)
+
+
 def test_fetch_stall_only_counts_time_in_poll_and_only_partitions_that_hold_more():
     state = SharedState(_config(**{"kafka.fetch_stall_timeout": 8.0}))
     state.input = FakeInput(assigned=[T0, T1])

@@ -376,11 +376,18 @@ class ConfluentInput:
             self._admin = AdminClient(self._admin_conf)
         asked = [self._admin.list_offsets({TopicPartition(t, p): getattr(OffsetSpec, end)() for t, p in tps},
                                           request_timeout=timeout_s) for end in ends]
+        admin = self._admin
         try:
             return [{(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
                     for futures in asked]
+        except Exception:
+            # The next call makes a new admin client. librdkafka's admin client retries ListOffsets with the leader
+            # epoch it cached, so after a broker restart it got FENCED_LEADER_EPOCH on every call (librdkafka
+            # issue 4620); a new client reads the metadata again.
+            self._admin = None
+            raise
         finally:
-            self._admin.poll(0)  # delivers the admin client's logs
+            admin.poll(0)  # delivers the admin client's logs
 
     def highwater(self, topic: str, partition: int) -> int | None:
         """Last known end offset of an assigned partition (from its fetches), or None before the first fetch."""

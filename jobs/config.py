@@ -260,8 +260,12 @@ class StreamConfig(_BaseJobConfig):
     input: InputConfig = Field(default_factory=InputConfig)
     alerts: AlertConfig = Field(default_factory=AlertConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    max_messages: int | None = Field(None, ge=1, description="Stop after this many input messages (demo, tests).")
-    idle_timeout: float | None = Field(None, gt=0, description="Stop after this many seconds with no input.")
+    max_messages: int | None = Field(None, ge=1, description=(
+        "Stop after this many input messages consumed (demo, tests); a message redelivered after a rebalance "
+        "counts again."))
+    idle_timeout: float | None = Field(None, gt=0, description=(
+        "Stop after this many seconds with no input, once the brokers' end offsets show every assigned partition "
+        "read to its end."))
     stall_timeout: float = Field(300.0, gt=0, description=(
         "Liveness: when one loop round takes longer, dump every thread's stack and exit with code 75 "
         "so the supervisor restarts the worker (safe: output resumes from the files)."))

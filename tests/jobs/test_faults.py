@@ -149,12 +149,14 @@ def _chattr(flag: str, *paths: Path) -> None:
     assert proc.returncode == 0, f"chattr {flag} failed (needs root on ext4/xfs): {proc.stderr}"
 
 
-def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, unique, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, unique, tmp_path, client):
     parts, n = 3, 4000
     topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     group = f"{unique}-g"
-    job = stream_proc(kafka_bootstrap, topic, out, group, "--max-messages", str(n), log=log)
+    job = stream_proc(kafka_bootstrap, topic, out, group, "--max-messages", str(n), log=log,
+                      env=CONFLUENT if client == "confluent" else None)
     wait_for(lambda: rows_in(out) > 300, 180, "first rows", job)
     folders = sorted({p.parent for p in files(out)} | {out / f"topic={topic}", out})
     _chattr("+i", *folders)
@@ -174,7 +176,7 @@ def test_output_read_only_mid_stream_then_writable(kafka_bootstrap, make_topic, 
     assert text.count("flush failed, retrying with backoff") == 1, "one WARNING per outage, not one per retry"
     assert "flush succeeded again after" in text
     result = exactness(out, parts, n)
-    report("output folder read-only for 7.5 s", 1, n, result, f"(rows when it became read-only: {rows_at_start}; "
+    report(f"output folder read-only for 7.5 s ({client})", 1, n, result, f"(rows when it became read-only: {rows_at_start}; "
            f"supervisor restarts after a stall: {restarts_of(job)})")
     assert result == {"rows": n, "lost": 0, "duplicated": 0, "gaps": 0, "partitions_seen": parts}
 
@@ -245,12 +247,13 @@ def test_poison_corpus_only_poison_in_dlq(kafka_bootstrap, make_topic, unique, t
            {"lost": 0, "duplicated": 0}, f"(dead-lettered {expect_dead}, labeled {len(expect_rows)})")
 
 
-def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_path, client):
     parts, n = 3, 12000
     topic = queued_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     job = stream_proc(kafka_bootstrap, topic, out, f"{unique}-g", "--max-messages", str(n), log=log,
-                      env={"NLPSTREAM_OUTPUT__MAX_BUFFERED_ROWS": "2000"})
+                      env={"NLPSTREAM_OUTPUT__MAX_BUFFERED_ROWS": "2000", **(CONFLUENT if client == "confluent" else {})})
     samples: list[tuple[int, int]] = []
     while job.poll() is None:
         try:
@@ -273,7 +276,7 @@ def test_burst_keeps_memory_bounded(kafka_bootstrap, make_topic, unique, tmp_pat
     early = [r for rows, r in progressed if 0 < rows < n // 3]
     late = [r for rows, r in progressed if rows >= 2 * n // 3]
     result = exactness(out, parts, n)
-    report("burst of 12000 queued messages", 1, n, result,
+    report(f"burst of 12000 queued messages ({client})", 1, n, result,
            f"(peak RSS {peak_mb:.0f} MiB; supervisor restarts after a stall: {restarts_of(job)})")
     assert result["lost"] == 0 and result["duplicated"] == 0
     assert peak_mb < 3072

@@ -106,7 +106,8 @@ def _proto_class():
 
 def _config(bootstrap, topic, out, fmt, url, **kw) -> StreamConfig:
     return StreamConfig.model_construct(
-        kafka=KafkaConfig(bootstrap_servers=bootstrap, topics=[topic], group_id=f"{topic}-g", dlq_topic=f"{topic}.dlq"),
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, topics=[topic], group_id=f"{topic}-g", dlq_topic=f"{topic}.dlq",
+                          client=kw.pop("client", "kafka-python")),
         input=InputConfig(input_format=fmt, text_field="body.text", id_field="id",
                           schema_registry=SchemaRegistryConfig(url=url, retry_max_s=kw.pop("retry_max_s", 30.0))),
         model=ModelConfig(devices="cpu"), output=OutputConfig(output=str(out), flush_interval=0.5),
@@ -274,8 +275,9 @@ def _end_offsets(bootstrap: str, topic: str, partitions: int) -> list[int]:
         consumer.close()
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_registry_outage_mid_stream_loses_nothing_and_dead_letters_nothing(
-        schema_registry_url, kafka_bootstrap, make_topic, unique, tmp_path, engine, caplog):
+        schema_registry_url, kafka_bootstrap, make_topic, unique, tmp_path, engine, caplog, client):
     """The link to the registry is cut while records of a schema version the job has not seen arrive.
 
     Nothing of them is labeled, dead-lettered or committed during the outage; the job is even stopped
@@ -299,7 +301,7 @@ def test_registry_outage_mid_stream_loses_nothing_and_dead_letters_nothing(
     first = [{"id": f"{unique}-a{i}", "body": {"text": TEXTS[i % 4]}} for i in range(30)]
     produce(kafka_bootstrap, topic, [(None, v) for v in _serialize("avro", url, topic, first)])
     job = StreamJob(_config(kafka_bootstrap, topic, tmp_path, "avro", via_proxy, idle_timeout=120.0, metrics_port=0,
-                            retry_max_s=1.0), engine=engine)
+                            retry_max_s=1.0, client=client), engine=engine)
     result: dict = {}
     runner = threading.Thread(target=lambda: result.setdefault("summary", job.run()))
     runner.start()
@@ -344,7 +346,7 @@ def test_registry_outage_mid_stream_loses_nothing_and_dead_letters_nothing(
     assert committed(kafka_bootstrap, group, topic, 2) == before_v2
     proxy.restore()
     try:
-        again = StreamJob(_config(kafka_bootstrap, topic, tmp_path, "avro", via_proxy, idle_timeout=5.0),
+        again = StreamJob(_config(kafka_bootstrap, topic, tmp_path, "avro", via_proxy, idle_timeout=5.0, client=client),
                           engine=engine).run()
     finally:
         proxy.cut()

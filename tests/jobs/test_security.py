@@ -36,9 +36,10 @@ def scram_broker(tmp_path_factory, tls_files):
         kafka_local.stop(data)
 
 
-def _run_secure_job(kafka: dict, topic: str, tmp_path, engine, caplog, n: int = 40) -> StreamJob:
+def _run_secure_job(kafka: dict, topic: str, tmp_path, engine, caplog, client: str, n: int = 40) -> StreamJob:
     cfg = load_config(StreamConfig, None, {
         **{f"kafka.{k}": v for k, v in kafka.items()}, "kafka.topics": [topic], "kafka.group_id": f"{topic}-g",
+        "kafka.client": client,
         "output.output": str(tmp_path / "out"), "output.flush_interval": 0.5,
         "metrics.metrics_port": 0, "max_messages": n, "idle_timeout": 60.0,
     })
@@ -55,7 +56,9 @@ def _scrape(job: StreamJob) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read().decode()
 
 
-def test_scram_stream_with_password_from_file(scram_broker, tmp_path, engine, caplog, monkeypatch, unique):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_scram_stream_with_password_from_file(scram_broker, tmp_path, engine, caplog, monkeypatch, unique,
+                                               client):
     produce(scram_broker.sasl_bootstrap_servers, unique, json_messages(50, prefix=unique),
             security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
             sasl_plain_username="alice", sasl_plain_password=PASSWORD)
@@ -65,7 +68,7 @@ def test_scram_stream_with_password_from_file(scram_broker, tmp_path, engine, ca
     cfg = load_config(StreamConfig, None, {
         "kafka.bootstrap_servers": scram_broker.sasl_bootstrap_servers, "kafka.topics": [unique],
         "kafka.group_id": f"{unique}-g", "kafka.security_protocol": "SASL_PLAINTEXT",
-        "kafka.sasl_mechanism": "SCRAM-SHA-256", "kafka.sasl_username": "alice",
+        "kafka.sasl_mechanism": "SCRAM-SHA-256", "kafka.sasl_username": "alice", "kafka.client": client,
         "output.output": str(tmp_path / "out"), "output.flush_interval": 0.5,
         "metrics.metrics_port": 0, "max_messages": 50, "idle_timeout": 60.0,
     })
@@ -91,38 +94,42 @@ def test_wrong_scram_password_is_refused(scram_broker, unique):
         producer.send(unique, b"x").get(timeout=10)
 
 
-def test_mutual_tls_stream_with_key_password_from_file(scram_broker, tls_files, tmp_path, engine, caplog, unique):
-    client = {"security_protocol": "SSL", "ssl_cafile": str(tls_files.ca), "ssl_certfile": str(tls_files.client_cert),
-              "ssl_keyfile": str(tls_files.client_key), "ssl_password": KEY_PASSWORD}
-    produce(scram_broker.ssl_bootstrap_servers, unique, json_messages(40, prefix=unique), **client)
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_mutual_tls_stream_with_key_password_from_file(scram_broker, tls_files, tmp_path, engine, caplog, unique,
+                                                        client):
+    producer = {"security_protocol": "SSL", "ssl_cafile": str(tls_files.ca), "ssl_certfile": str(tls_files.client_cert),
+                "ssl_keyfile": str(tls_files.client_key), "ssl_password": KEY_PASSWORD}
+    produce(scram_broker.ssl_bootstrap_servers, unique, json_messages(40, prefix=unique), **producer)
     secret = tmp_path / "key-password"
     secret.write_text(KEY_PASSWORD + "\n")
     job = _run_secure_job({"bootstrap_servers": scram_broker.ssl_bootstrap_servers, "security_protocol": "SSL",
                            "ssl_cafile": str(tls_files.ca), "ssl_certfile": str(tls_files.client_cert),
                            "ssl_keyfile": str(tls_files.client_key), "ssl_password_file": str(secret)},
-                          unique, tmp_path, engine, caplog)
+                          unique, tmp_path, engine, caplog, client)
     dead = job.config.dlq_topic()
     assert dead == f"{unique}.dlq"
     assert KEY_PASSWORD not in _scrape(job)
     assert KEY_PASSWORD not in caplog.text
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_sasl_ssl_scram_stream_with_password_from_env(scram_broker, tls_files, tmp_path, engine, caplog,
-                                                       monkeypatch, unique):
-    client = {"security_protocol": "SASL_SSL", "ssl_cafile": str(tls_files.ca), "sasl_mechanism": "SCRAM-SHA-256",
-              "sasl_plain_username": "alice", "sasl_plain_password": PASSWORD}
-    produce(scram_broker.sasl_ssl_bootstrap_servers, unique, json_messages(40, prefix=unique), **client)
+                                                       monkeypatch, unique, client):
+    producer = {"security_protocol": "SASL_SSL", "ssl_cafile": str(tls_files.ca), "sasl_mechanism": "SCRAM-SHA-256",
+                "sasl_plain_username": "alice", "sasl_plain_password": PASSWORD}
+    produce(scram_broker.sasl_ssl_bootstrap_servers, unique, json_messages(40, prefix=unique), **producer)
     monkeypatch.setenv("NLPSTREAM_KAFKA__SASL_PASSWORD", PASSWORD)
     job = _run_secure_job({"bootstrap_servers": scram_broker.sasl_ssl_bootstrap_servers,
                            "security_protocol": "SASL_SSL", "ssl_cafile": str(tls_files.ca),
                            "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "alice"},
-                          unique, tmp_path, engine, caplog)
+                          unique, tmp_path, engine, caplog, client)
     assert PASSWORD not in _scrape(job)
     assert PASSWORD not in caplog.text
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 @pytest.mark.parametrize("case", ["no client certificate", "brokers' CA not trusted"])
-def test_tls_misconfiguration_is_a_clear_error(scram_broker, tls_files, tmp_path, engine, caplog, unique, case):
+def test_tls_misconfiguration_is_a_clear_error(scram_broker, tls_files, tmp_path, engine, caplog, unique, case, client):
     kafka = {"bootstrap_servers": scram_broker.ssl_bootstrap_servers, "security_protocol": "SSL",
              "ssl_cafile": str(tls_files.ca)}
     if case != "no client certificate":
@@ -130,7 +137,7 @@ def test_tls_misconfiguration_is_a_clear_error(scram_broker, tls_files, tmp_path
                      ssl_keyfile=str(tls_files.client_key), ssl_password=KEY_PASSWORD)
     cfg = load_config(StreamConfig, None, {
         **{f"kafka.{k}": v for k, v in kafka.items()}, "kafka.topics": [unique], "kafka.group_id": f"{unique}-g",
-        "output.output": str(tmp_path / "out"), "metrics.metrics_port": 0, "max_messages": 1,
+        "output.output": str(tmp_path / "out"), "metrics.metrics_port": 0, "max_messages": 1, "kafka.client": client,
     })
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ConsumerError, match="TLS handshake failed") as failure:

@@ -121,7 +121,8 @@ class ConfluentInput:
         self._refused = _refused_codes()
         self._kafka_exception = KafkaException
         conf = librdkafka_config(connection)
-        self._admin_conf = dict(conf, logger=logging.getLogger("nlpstream.consumers.librdkafka"))  # served by poll(0)
+        client_log = logging.getLogger("nlpstream.consumers.librdkafka")
+        self._admin_conf = dict(conf, logger=client_log)  # served by the admin client's poll(0)
         self._admin: Any = None  # made on first use: beginning and end offsets
         conf.update({
             "group.id": settings.group_id,
@@ -140,7 +141,7 @@ class ConfluentInput:
             "fetch.max.bytes": settings.fetch_max_bytes,
             "receive.message.max.bytes": settings.fetch_max_bytes + (1 << 20),
             "error_cb": self._on_error,
-            "logger": logging.getLogger("nlpstream.consumers.librdkafka"),
+            "logger": client_log,
         })
         if settings.group_instance_id:
             conf["group.instance.id"] = settings.group_instance_id
@@ -166,7 +167,7 @@ class ConfluentInput:
     def _on_error(self, error: Any) -> None:
         """librdkafka's client-level errors (brokers down, TLS refused), once per kind per 10 s: it retries them."""
         now, code = time.monotonic(), getattr(error, "code", lambda: None)()
-        if getattr(error, "fatal", lambda: False)():
+        if self._is_fatal(error):
             self._fatal = error  # the client cannot go on: poll raises it
         if now - self._error_logged.get(code, -1e9) > 10.0:
             self._error_logged[code] = now
@@ -286,6 +287,7 @@ class ConfluentInput:
         return records
 
     def _is_fatal(self, error: Any) -> bool:
+        """A fatal client error: from ``error_cb``, or handed out by ``consume`` (a group consumer's, as an event)."""
         from confluent_kafka import KafkaError
 
         return error is not None and hasattr(error, "code") and (error.code() == KafkaError._FATAL or error.fatal())
@@ -320,18 +322,22 @@ class ConfluentInput:
                                            asynchronous=False)
         except self._kafka_exception as exc:
             error = exc.args[0] if exc.args else None
-            if error is not None and getattr(error, "code", lambda: None)() in self._refused:
-                log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): "
-                         "%s", error)
+            if self._refused_commit([error]):
                 return False
             raise ConsumerError(f"offset commit failed: {exc}") from exc
         failed = [tp for tp in result or () if tp.error is not None]
         if failed:
-            if all(tp.error.code() in self._refused for tp in failed):
-                log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): "
-                         "%s", failed[0].error)
+            if self._refused_commit([tp.error for tp in failed]):
                 return False
             raise ConsumerError(f"offset commit failed: {failed[0].topic}-{failed[0].partition}: {failed[0].error}")
+        return True
+
+    def _refused_commit(self, errors: list[Any]) -> bool:
+        """True (and one INFO line) when every error is the group refusing a commit after a rebalance."""
+        if not all(getattr(e, "code", lambda: None)() in self._refused for e in errors):
+            return False
+        log.info("offset commit refused after a rebalance (the records are redelivered; files stay exact): %s",
+                 errors[0])
         return True
 
     def committed(self, topic: str, partition: int) -> int | None:

@@ -112,7 +112,7 @@ class ConfluentInput:
         on_lost: PartitionsCallback,
     ) -> None:
         try:
-            from confluent_kafka import Consumer, KafkaException
+            from confluent_kafka import Consumer, KafkaError, KafkaException
         except ImportError as exc:  # pragma: no cover - the extra is part of the test install
             raise ConsumerError("kafka.client 'confluent' needs the confluent-kafka package: "
                                 "pip install 'nlpstream[confluent]'") from exc
@@ -120,6 +120,8 @@ class ConfluentInput:
         self._error_logged: dict[Any, float] = {}
         self._refused = _refused_codes()
         self._kafka_exception = KafkaException
+        self._stale_leader = frozenset({KafkaError.FENCED_LEADER_EPOCH, KafkaError.UNKNOWN_LEADER_EPOCH,
+                                        KafkaError.NOT_LEADER_FOR_PARTITION})
         conf = librdkafka_config(connection)
         client_log = logging.getLogger("nlpstream.consumers.librdkafka")
         self._admin_conf = dict(conf, logger=client_log)  # served by the admin client's poll(0)
@@ -380,17 +382,19 @@ class ConfluentInput:
             return [{} for _ in ends]
         if self._admin is None:
             self._admin = AdminClient(self._admin_conf)
-        asked = [self._admin.list_offsets({TopicPartition(t, p): getattr(OffsetSpec, end)() for t, p in tps},
-                                          request_timeout=timeout_s) for end in ends]
         admin = self._admin
         try:
+            asked = [admin.list_offsets({TopicPartition(t, p): getattr(OffsetSpec, end)() for t, p in tps},
+                                        request_timeout=timeout_s) for end in ends]
             return [{(tp.topic, tp.partition): fut.result(timeout=timeout_s + 1.0).offset for tp, fut in futures.items()}
                     for futures in asked]
-        except Exception:
-            # The next call makes a new admin client. librdkafka's admin client retries ListOffsets with the leader
-            # epoch it cached, so after a broker restart it got FENCED_LEADER_EPOCH on every call (librdkafka
-            # issue 4620); a new client reads the metadata again.
-            self._admin = None
+        except self._kafka_exception as exc:
+            # Seen with confluent-kafka 2.16.1: after a broker restart the admin client's ListOffsets failed with
+            # FENCED_LEADER_EPOCH on every call for minutes (it kept the leader epoch it had cached). The next call
+            # makes a new admin client, which reads the metadata again.
+            error = exc.args[0] if exc.args else None
+            if getattr(error, "code", lambda: None)() in self._stale_leader:
+                self._admin = None
             raise
         finally:
             admin.poll(0)  # delivers the admin client's logs

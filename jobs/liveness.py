@@ -99,11 +99,13 @@ class Liveness:
 
     # -- idle timeout -------------------------------------------------------------------------
     def idle_for(self, now: float, last_input: float) -> float:
-        """Seconds without input since the last record or assignment; 0 while a partition is known to hold more.
+        """Seconds without input since the last record or assignment (or since :meth:`idle_confirmed` last said
+        no); 0 while a partition is known to hold more.
 
         (The client learns a partition's end offset only from fetch responses,
         which an incremental fetch session skips for partitions with nothing
-        new, so an unknown end offset does not hold the timer back.)
+        new, so an unknown end offset or position does not hold the timer
+        back: :meth:`idle_confirmed` asks the brokers before the job stops.)
         """
         state = self._state
         assigned = state.input.assignment()
@@ -111,8 +113,10 @@ class Liveness:
             return 0.0
         for topic, partition in assigned:
             high = state.input.highwater(topic, partition)
+            if high is None:
+                continue
             pos = state.input.position(topic, partition)
-            if pos is None or (high is not None and pos < high):
+            if pos is None or pos < high:
                 return 0.0
         assigned_at = max(self._assigned_at.get(tp, 0.0) for tp in assigned)
         return now - max(last_input, assigned_at, self._idle_since)
@@ -125,19 +129,26 @@ class Liveness:
         The timer trusts the client's own end offsets, which it learns only
         from fetch responses: a consumer that has not fetched since a broker
         restart or a new assignment knows positions but no end offsets, and
-        without this check would stop with records still unread.
+        without this check would stop with records still unread. A partition
+        whose position is not known yet (its start not resolved: no record
+        since its assignment) counts from the group's committed offset, where
+        it starts.
         """
         state = self._state
         assigned = state.input.assignment()
+        positions = {tp: state.input.position(*tp) for tp in assigned}
+        unknown = [tp for tp, pos in positions.items() if pos is None]
         try:
             ends = state.input.end_offsets(assigned, timeout_s=5.0)
+            if unknown:
+                positions.update(state.input.committed_offsets(unknown, timeout_s=5.0))
         except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports and retries it
             log.info("no input for %.0fs, but the end offsets cannot be read (%s); going on", idle_s, exc)
             self._idle_since = now
             return False
         behind = {}
         for tp in assigned:
-            pos, end = state.input.position(*tp), ends.get(tp)
+            pos, end = positions.get(tp), ends.get(tp)
             if pos is None or end is None or pos < end:
                 behind[tp] = (pos, end)
         if not behind:

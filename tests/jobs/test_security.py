@@ -130,6 +130,8 @@ def test_sasl_ssl_scram_stream_with_password_from_env(scram_broker, tls_files, t
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 @pytest.mark.parametrize("case", ["no client certificate", "brokers' CA not trusted"])
 def test_tls_misconfiguration_is_a_clear_error(scram_broker, tls_files, tmp_path, engine, caplog, unique, case, client):
+    """The job's start-up check of the brokers (the same for both clients) fails with one clear error; librdkafka
+    alone would retry the handshake for ever."""
     kafka = {"bootstrap_servers": scram_broker.ssl_bootstrap_servers, "security_protocol": "SSL",
              "ssl_cafile": str(tls_files.ca)}
     if case != "no client certificate":

@@ -58,7 +58,7 @@ class FakeInput:
     def beginning_offsets(self, tps):
         return {tp: 0 for tp in tps}
 
-    def committed_offsets(self, tps):
+    def committed_offsets(self, tps, timeout_s=None):
         return {tp: self.group.get(tp) for tp in tps}
 
     def fetch_state(self):
@@ -167,8 +167,11 @@ def test_idle_time_counts_only_when_every_partition_is_caught_up_and_nothing_is_
     state.in_flight.append(object())
     assert live.idle_for(100.0, last_input=10.0) == 0.0  # a batch is still being classified
     state.in_flight.clear()
+    state.input.highs[T0] = 8
     state.input.positions[T0] = None
-    assert live.idle_for(100.0, last_input=10.0) == 0.0  # no position yet
+    assert live.idle_for(100.0, last_input=10.0) == 0.0  # no position yet while the partition has records
+    state.input.highs[T0] = None
+    assert live.idle_for(100.0, last_input=10.0) == 90.0  # neither known: the brokers decide (idle_confirmed)
 
 
 def test_idle_time_starts_again_at_the_latest_assignment(monkeypatch):
@@ -204,6 +207,12 @@ def test_idle_stop_waits_for_the_brokers_end_offsets_to_confirm_every_partition_
     assert live.idle_for(141.0, last_input=10.0) == 1.0
     state.input.end_offsets_error = None
     assert live.idle_confirmed(150.0, 10.0)
+    state.input.positions[T1] = None  # no record since its assignment and its start not resolved:
+    assert not live.idle_confirmed(160.0, 10.0)  # never committed, it may start anywhere
+    state.input.group[T1] = 6
+    assert not live.idle_confirmed(170.0, 10.0)  # it starts before the end
+    state.input.group[T1] = 7
+    assert live.idle_confirmed(180.0, 10.0)  # it starts at the end
 
 
 def test_fetch_stall_only_counts_time_in_poll_and_only_partitions_that_hold_more():

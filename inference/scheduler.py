@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from nlpstream.inference import metrics
-from nlpstream.inference.batching import Batch, TokenBudget, counted_lengths, plan_batches
+from nlpstream.inference.batching import PAD_TOLERANCE, Batch, TokenBudget, counted_lengths, plan_batches
 from nlpstream.inference.errors import NoLiveDeviceError
 from nlpstream.inference.runtimes import Runner
 
@@ -112,10 +112,11 @@ class Scheduler:
 
     def __init__(self, replicas: list[Replica], budget: TokenBudget, max_batch_size: int, pad: Pad,
                  forward: Forward, probe: tuple[torch.Tensor, torch.Tensor], probe_backoff_s: float = 1.0,
-                 attempt_timeout_s: float = 300.0) -> None:
+                 attempt_timeout_s: float = 300.0, pad_tolerance: float | None = PAD_TOLERANCE) -> None:
         self.replicas = replicas
         self.budget = budget
         self.max_batch_size = max_batch_size
+        self.pad_tolerance = pad_tolerance  # plan_batches' pad_tolerance
         self.probe_backoff_s = probe_backoff_s
         self._pad = pad
         self._forward = forward
@@ -168,7 +169,8 @@ class Scheduler:
              lengths: Sequence[int] | None) -> tuple[list[tuple[tuple[int, ...], np.ndarray]], dict[int, str]]:
         """``(indices, probabilities)`` of each batch that succeeded, and the failed items."""
         lengths = [len(x) for x in ids] if lengths is None else lengths
-        pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size))]
+        pending = [_Work(b) for b in reversed(plan_batches(lengths, self.budget.value, self.max_batch_size,
+                                                           pad_tolerance=self.pad_tolerance))]
         results: list[tuple[tuple[int, ...], np.ndarray]] = []
         failures: dict[int, str] = {}
         running: Running = {}

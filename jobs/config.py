@@ -266,9 +266,10 @@ class StreamConfig(_BaseJobConfig):
     idle_timeout: float | None = Field(None, gt=0, description=(
         "Stop after this many seconds with no input, once the brokers' end offsets show every assigned partition "
         "read to its end."))
-    stall_timeout: float = Field(300.0, gt=0, description=(
+    stall_timeout: float = Field(300.0, ge=30, description=(
         "Liveness: when one loop round takes longer, dump every thread's stack and exit with code 75 "
-        "so the supervisor restarts the worker (safe: output resumes from the files)."))
+        "so the supervisor restarts the worker (safe: output resumes from the files). At least 30 s: while "
+        "the brokers are away one healthy round may wait on several bounded broker reads (about 20 s)."))
     pipeline_depth: int = Field(1, ge=0, le=8, description=(
         "Micro-batches classified ahead on a worker thread while the loop polls, decodes and writes "
         "(0: one batch at a time). Commits still wait until the rows are durable."))

@@ -29,6 +29,8 @@ def test_defaults():
 def test_errors_quote_fields_and_values(tmp_path):
     with pytest.raises(ConfigError, match=r"output.flush_interval.*got -1"):
         load_config(StreamConfig, None, {"output.flush_interval": -1})
+    with pytest.raises(ConfigError, match=r"stall_timeout.*greater than or equal to 30"):
+        load_config(StreamConfig, None, {"kafka.topics": ["x"], "stall_timeout": 10})
     with pytest.raises(ConfigError, match=r"dlq_topic \('a'\) must differ from kafka.topics \(\['a'\]\)"):
         load_config(StreamConfig, None, {"kafka.topics": ["a"], "kafka.dlq_topic": "a"})
     bad = tmp_path / "bad.yaml"

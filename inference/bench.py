@@ -72,7 +72,8 @@ def _best_of(runs: int, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def _padded(engine: Any, texts: list[str]) -> tuple[list[tuple[tuple[int, ...], np.ndarray, np.ndarray]], int]:
     ids = engine.tokenize(texts)
-    batches = plan_batches([len(x) for x in ids], engine.budget.value, engine.max_batch_size)
+    batches = plan_batches([len(x) for x in ids], engine.budget.value, engine.max_batch_size,
+                           pad_tolerance=engine.pad_tolerance)  # the engine's own batches
     pad_id = engine.bundle.tokenizer.pad_token_id or 0
     out = []
     for b in batches:

@@ -179,6 +179,7 @@ class Engine:
         self.chunk_overlap = max(0, min(chunk_overlap, self.max_length // 2))
         self.max_batch_delay_ms = max_batch_delay_ms
         self.budget = TokenBudget(max_batch_tokens, target_latency_ms)
+        self.pad_tolerance = PAD_TOLERANCE if on_gpu else CPU_PAD_TOLERANCE  # every batch plan of this engine
         self.cache = PredictionCache(bundle.name, cache_entries, cache_bytes)
         metrics.DEVICE_FAILURES.labels("guard", "error")  # the int8 guard's failures (at 0 from start-up)
         if self.cache.enabled:  # both series exist at 0 from start-up
@@ -199,7 +200,7 @@ class Engine:
                                     lambda r, i, m: self._forward(r, i, m),
                                     probe=self._pad(probe_ids, Batch((0,), len(probe_ids[0]))),
                                     probe_backoff_s=probe_backoff_s, attempt_timeout_s=attempt_timeout_s,
-                                    pad_tolerance=PAD_TOLERANCE if on_gpu else CPU_PAD_TOLERANCE)
+                                    pad_tolerance=self.pad_tolerance)
         self.devices = tuple(r.name for r in self._replicas)
         self.modes = {r.name: r.runner.name for r in self._replicas}
         self.agreement: dict[str, float] = {}
@@ -644,7 +645,7 @@ class Engine:
             return
         metrics.GUARD_RERUNS.inc(len(unsure))
         sub = ids.take(unsure)
-        for batch in plan_batches(sub.lengths, self.budget.value, self.max_batch_size):
+        for batch in plan_batches(sub.lengths, self.budget.value, self.max_batch_size, pad_tolerance=self.pad_tolerance):
             input_ids, mask = self._pad(sub, batch)
             try:
                 reference = runner.reference(input_ids, mask)  # type: ignore[attr-defined]
@@ -676,7 +677,8 @@ class Engine:
             return
         texts = agreement_sample(size)
         ids = self.tokenize(texts)
-        batches = plan_batches([len(x) for x in ids], self.budget.value, self.max_batch_size)
+        batches = plan_batches([len(x) for x in ids], self.budget.value, self.max_batch_size,
+                               pad_tolerance=self.pad_tolerance)
         reference = self._runner_factory("torch-fp32", torch.device("cpu"))
         expected = self._labels_of(reference, ids, batches)
         seen: dict[int, float] = {}

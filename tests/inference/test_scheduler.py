@@ -255,3 +255,22 @@ def test_failures_map_back_through_duplicates_and_chunk_windows():
         results = eng.classify_each([long_good, long_bad, "short"])
         assert len(eng._windows(long_bad)) > 2
         assert [isinstance(r, TextError) for r in results] == [False, True, False]
+
+
+def test_cpu_engines_plan_with_the_cpu_pad_tolerance_and_gpu_engines_with_the_default():
+    """The tolerance reaches the scheduler's plan: 0.3 on CPU joins texts that 0.1 would have cut apart."""
+    from nlpstream.inference.batching import PAD_TOLERANCE
+    from nlpstream.inference.engine import CPU_PAD_TOLERANCE
+
+    # token lengths 20 down to 15 with the fake tokenizer: each over 10% shorter than the longest after 1 or 2
+    texts = [" ".join(["word"] * n) for n in (18, 16, 15, 14, 13)]
+    counts = {}
+    for devices in (["cpu"], ["cuda:0"]):
+        eng, runners = fake_engine(devices, precision="fp32", max_batch_size=32, max_batch_tokens=64)
+        with eng:
+            assert eng.pad_tolerance == eng._scheduler.pad_tolerance
+            before = runners[devices[0]].calls
+            assert [p.label for p in eng.classify_each(texts)] == expected(texts)
+            counts[devices[0]] = runners[devices[0]].calls - before
+    assert (CPU_PAD_TOLERANCE, PAD_TOLERANCE) == (0.3, 0.1)
+    assert counts["cpu"] < counts["cuda:0"], counts

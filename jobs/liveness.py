@@ -123,8 +123,8 @@ class Liveness:
 
     def idle_confirmed(self, now: float, idle_s: float) -> bool:
         """The idle timer ran out (``idle_s`` seconds): True when the brokers' end offsets show every assigned
-        partition read to its end; otherwise (a partition holds more, or the end offsets cannot be read) the
-        timer starts again at ``now`` and the job goes on.
+        partition read to its end; otherwise (a partition holds more, or the end or committed offsets cannot be
+        read) the timer starts again at ``now`` and the job goes on.
 
         The timer trusts the client's own end offsets, which it learns only
         from fetch responses: a consumer that has not fetched since a broker
@@ -143,7 +143,7 @@ class Liveness:
             if unknown:
                 positions.update(state.input.committed_offsets(unknown, timeout_s=5.0))
         except Exception as exc:  # noqa: BLE001 - broker trouble: the poll path reports and retries it
-            log.info("no input for %.0fs, but the end offsets cannot be read (%s); going on", idle_s, exc)
+            log.info("no input for %.0fs, but the brokers' offsets cannot be read (%s); going on", idle_s, exc)
             self._idle_since = now
             return False
         behind = {}

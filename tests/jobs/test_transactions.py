@@ -194,7 +194,7 @@ def _proc(bootstrap: str, topic: str, out: Path, group: str, log: Path, *extra: 
 @pytest.mark.model
 @pytest.mark.usefixtures("_reap_jobs")
 def test_kill_9_dead_letters_and_alerts_exactly_once(kafka_bootstrap, make_topic, unique, tmp_path):
-    parts, n = 3, 4000
+    parts, n = 3, 8000  # enough that three kills land mid-stream with the CPU engine at ~900 texts/s
     topic, dead = dirty_topic(kafka_bootstrap, make_topic, unique, parts, n)
     out, log = tmp_path / "out", tmp_path / "job.log"
     rng = random.Random(int(os.environ.get("NLPSTREAM_FAULT_SEED", "20261129")))

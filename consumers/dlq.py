@@ -43,7 +43,11 @@ def dlq_headers(record: InputRecord, error_class: str, message: str) -> list[tup
 
 
 class DeadLetterQueue:
-    """Sends bad records to one topic; delivered (acks=all) when :meth:`flush` returns."""
+    """Sends bad records to one topic; delivered (acks=all) when :meth:`flush` returns.
+
+    ``send`` and :meth:`seal` run on the job's loop; :meth:`flush_sealed` may
+    run on another thread meanwhile (the producer is thread-safe).
+    """
 
     def __init__(self, connection: ConnectionSettings, topic: str, flush_timeout_s: float = 30.0,
                  producer: Any | None = None) -> None:
@@ -55,7 +59,8 @@ class DeadLetterQueue:
             )
         except (KafkaError, OSError) as exc:  # OSError: TLS handshake refused, connection reset
             raise DeadLetterError(f"cannot create the dead-letter producer: {connect_error(connection, exc)}") from exc
-        self._futures: list[Any] = []
+        self._futures: list[Any] = []  # queued since the last seal
+        self._sealed: list[Any] = []  # set aside for the flush under way (or the one that failed)
 
     def send(self, record: InputRecord, error_class: str, message: str) -> None:
         """Queue one dead letter; raises DeadLetterError when the producer refuses it."""
@@ -72,18 +77,30 @@ class DeadLetterQueue:
         except KafkaError as exc:
             raise DeadLetterError(f"cannot queue a dead letter for {record.topic}-{record.partition}@{record.offset}: {exc}") from exc
 
+    def seal(self) -> None:
+        """Set aside the dead letters queued so far for :meth:`flush_sealed` (a flush beside the loop that sends);
+        not while such a flush runs."""
+        if self._futures:
+            self._sealed.extend(self._futures)
+            self._futures = []
+
     def flush(self) -> int:
         """Wait until every queued dead letter is acknowledged; returns how many."""
-        if not self._futures:
+        self.seal()
+        return self.flush_sealed()
+
+    def flush_sealed(self) -> int:
+        """Wait until every sealed dead letter is acknowledged; returns how many (on error they stay sealed)."""
+        if not self._sealed:
             return 0
         try:
             self._producer.flush(timeout=self.flush_timeout_s)
-            for fut in self._futures:
+            for fut in self._sealed:
                 fut.get(timeout=self.flush_timeout_s)
         except KafkaError as exc:
             raise DeadLetterError(f"dead letters not acknowledged by topic {self.topic!r}: {exc}") from exc
-        count = len(self._futures)
-        self._futures.clear()
+        count = len(self._sealed)
+        self._sealed = []
         return count
 
     def close(self) -> None:

@@ -2,12 +2,26 @@
 
 Offsets are committed only after the Parquet files (or table commit)
 holding those rows, the dead letters and the alerts of the same records
-are durable: :meth:`Checkpoint.flush` makes everything handled durable, in
-that order, and only then moves the ledger's handled offsets to durable;
+are durable: a flush makes what is handled durable, in that order, and
+only then moves the ledger's offsets of those records to durable;
 :meth:`Checkpoint.commit` commits durable offsets of the partitions still
 owned (plain consumer commit, or one Kafka transaction per input partition
 with ``kafka.transactions``, see jobs/transactions.py). Rebalance callbacks
 flush but never commit: the next owner resumes from the files instead.
+
+A flush can run beside the loop (``output.background_flush``, the default
+without transactions): :meth:`Checkpoint.start_flush` *seals* what is
+handled so far (the ledger's offsets, the sinks' rows, dead letters and
+alerts) and hands the sealed part to a writer thread, while the loop goes
+on polling, classifying and buffering newer records; :meth:`Checkpoint.reap`
+takes the result on the loop: only the sealed offsets become durable. One
+flush is in flight at a time; a failed one stays sealed and is sealed again
+with the newer records on the next try. Everything that must see the sinks
+at rest (the synchronous :meth:`Checkpoint.flush`, :meth:`Checkpoint.discard`,
+the rebalance callbacks, closing) first waits for the flush in flight
+(:meth:`Checkpoint.wait`). The writer thread never takes the job's lock, so
+waiting for it under the lock cannot deadlock. With transactions every flush
+is synchronous (the producers' transactions follow the loop).
 
 The dead letters, rows and alerts of handled records are written through
 this part, which counts them until they are durable (then they reach the
@@ -20,17 +34,45 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from nlpstream.consumers import InputRecord
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
 from nlpstream.jobs import metrics
 from nlpstream.jobs.shared import LOGGER_NAME, MAX_BACKOFF_S, TP, SharedState
-from nlpstream.sinks import OutputRow
 from nlpstream.jobs.transactions import TransactionError
 from nlpstream.sinks import AlertSink, OutputRow, SinkError
 
 log = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass
+class _Handled:
+    """Rows, dead letters and alerts of handled records, counted once they are durable."""
+
+    rows: list[OutputRow] = field(default_factory=list)
+    dead_letters: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
+    alerts: int = 0
+
+    def add(self, other: "_Handled") -> None:
+        self.rows.extend(other.rows)
+        self.dead_letters.extend(other.dead_letters)
+        self.alerts += other.alerts
+
+    def drop(self, topic: str, partition: int) -> None:
+        self.rows = [row for row in self.rows if row.partition != partition or row.topic != topic]
+
+
+@dataclass
+class _Written:
+    """What a flush made durable, tallied on the thread that flushed (the loop only adds the tallies up)."""
+
+    files: list[Any]
+    labels: Counter[str]
+    per_topic: Counter[str]
+    latencies: list[float]
 
 
 class Checkpoint:
@@ -39,17 +81,22 @@ class Checkpoint:
     ``on_txn_failed`` is called (lock held) for each partition whose
     transaction is lost: that partition is handled again from the group's
     committed offset (see :meth:`jobs.rebalance.Rebalance.txn_failed`).
+    ``background``: flushes may run on a writer thread (:meth:`start_flush`);
+    it is ignored with transactions.
     """
 
     def __init__(self, state: SharedState, dlq: DeadLetterQueue, alert_sinks: Sequence[AlertSink],
-                 on_txn_failed: Callable[[TransactionError], None]) -> None:
+                 on_txn_failed: Callable[[TransactionError], None], background: bool = False) -> None:
         self._state = state
         self._dlq = dlq
         self._alert_sinks = list(alert_sinks)
         self._on_txn_failed = on_txn_failed
-        self._buffered_rows: list[OutputRow] = []  # written to the sink, not yet durable
-        self._dlq_pending: list[tuple[str, str]] = []  # (topic, reason)
-        self._alerts_pending = 0
+        self._open = _Handled()  # handled since the last seal
+        self._sealed: _Handled | None = None  # set aside for the flush in flight, or the one that failed
+        self._in_flight: Future[_Written] | None = None
+        self._in_flight_since: float | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self.background = background and state.txn is None
         self._flush_failing_since: float | None = None  # monotonic start of a sink outage (one WARNING each)
 
     # -- handled, not durable yet (caller holds the lock) -----------------------------------
@@ -58,11 +105,11 @@ class Checkpoint:
             self._state.txn.send_dead_letter(record, error_class, message)
         else:
             self._dlq.send(record, error_class, message)
-        self._dlq_pending.append((record.topic, reason))
+        self._open.dead_letters.append((record.topic, reason))
 
     def write_rows(self, rows: list[OutputRow]) -> None:
         self._state.sink.write(rows)
-        self._buffered_rows.extend(rows)
+        self._open.rows.extend(rows)
 
     def write_alerts(self, alerts: Sequence[Any]) -> None:
         for alert in alerts:
@@ -71,62 +118,167 @@ class Checkpoint:
             sink.write(alerts)
         if self._state.txn is not None:
             self._state.txn.send_alerts(alerts)
-        self._alerts_pending += len(alerts)
+        self._open.alerts += len(alerts)
 
     def has_pending(self) -> bool:
+        """True while something handled (in a flush in flight or not) is not durable yet."""
         return self._state.ledger.has_pending()
 
     def discard(self, topic: str, partition: int) -> None:
-        """Drop what of the partition is handled but not durable (it will be redelivered). Caller holds the lock."""
+        """Drop what of the partition is handled but not durable (it will be redelivered). Caller holds the lock.
+
+        A flush in flight is waited for first: what it made durable stays durable.
+        """
         state = self._state
+        self.wait()
         dropped = state.sink.discard(topic, partition)
         state.ledger.discard((topic, partition))
-        self._buffered_rows = [row for row in self._buffered_rows if row.partition != partition or row.topic != topic]
+        self._open.drop(topic, partition)
+        if self._sealed is not None:
+            self._sealed.drop(topic, partition)
         if dropped:
             log.info("dropped %d rows of %s-%d that were not durable yet; they will be redelivered",
                      dropped, topic, partition)
 
     # -- flush ------------------------------------------------------------------------------------
+    @property
+    def flushing(self) -> bool:
+        """True while a flush runs on the writer thread."""
+        return self._in_flight is not None
+
+    def flushing_since(self) -> float | None:
+        """Monotonic time the flush in flight started (the watchdog's view), or None."""
+        return self._in_flight_since
+
     def flush(self) -> bool:
-        """Make everything handled durable (DLQ, files, alerts); True on success. Caller holds the lock."""
-        state = self._state
+        """Make everything handled durable (DLQ, files, alerts) on this thread; True on success. Caller holds the lock.
+
+        A flush in flight is waited for first."""
+        self.wait()
+        self._seal()
         try:
-            self._dlq.flush()
-            lost = state.txn.flush() if state.txn is not None else {}
+            written = self._write_sealed(in_loop=True)
+        except (DeadLetterError, SinkError) as exc:
+            self._failed(exc)
+            return False
+        self._done(written)
+        return True
+
+    def start_flush(self) -> bool:
+        """Seal what is handled and make it durable on the writer thread; False when a flush is already in
+        flight (:meth:`reap` takes its result). Caller holds the lock."""
+        if self._in_flight is not None:
+            return False
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="nlpstream-flush")
+        self._seal()
+        self._in_flight_since = time.monotonic()
+        self._in_flight = self._writer.submit(self._write_sealed, False)
+        return True
+
+    def reap(self) -> bool | None:
+        """The outcome of a flush in flight that has finished: True (its records are durable now), False
+        (it failed: they stay sealed for the next try); None while it runs or when none was started.
+        Caller holds the lock."""
+        if self._in_flight is None or not self._in_flight.done():
+            return None
+        return self._take()
+
+    def wait(self) -> bool | None:
+        """Wait for the flush in flight, if any, and take its outcome (see :meth:`reap`). Caller holds the lock."""
+        if self._in_flight is None:
+            return None
+        return self._take()
+
+    def close(self) -> None:
+        """Wait for a flush in flight (its outcome is dropped: nothing is committed after this) and stop
+        the writer thread."""
+        if self._in_flight is not None:
+            try:
+                self._in_flight.result()
+            except Exception as exc:  # noqa: BLE001 - closing goes on; nothing of it is committed
+                log.warning("a flush in flight when the job stopped failed: %s", exc)
+            self._in_flight = self._in_flight_since = None
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    def _take(self) -> bool:
+        future = self._in_flight
+        assert future is not None
+        try:
+            written = future.result()
+        except (DeadLetterError, SinkError) as exc:
+            self._failed(exc)
+            return False
+        finally:
+            self._in_flight = self._in_flight_since = None
+        self._done(written)
+        return True
+
+    def _seal(self) -> None:
+        """What is handled so far goes to the next flush, with what a failed one left sealed. Caller holds the
+        lock; no flush is in flight."""
+        state = self._state
+        if self._sealed is None:
+            self._sealed = self._open
+        else:
+            self._sealed.add(self._open)
+        self._open = _Handled()
+        state.ledger.seal()
+        self._dlq.seal()
+        state.sink.seal()
+        for sink in self._alert_sinks:
+            sink.seal()
+
+    def _write_sealed(self, in_loop: bool) -> _Written:
+        """Make the sealed part durable: dead letters, (transactions,) files, alerts. Runs on the writer thread
+        unless ``in_loop``; it then touches only the sealed part of each sink, never the job's lock."""
+        state = self._state
+        self._dlq.flush_sealed()
+        if in_loop and state.txn is not None:
+            lost = state.txn.flush()
             for error in lost.values():  # that partition's records are handled again from the committed offset
                 self._on_txn_failed(error)
-            files = state.sink.flush()
-            for sink in self._alert_sinks:
-                sink.flush()
-        except (DeadLetterError, SinkError) as exc:
-            metrics.SINK_RETRIES.inc()
-            if self._flush_failing_since is None:  # one WARNING per outage, the retries at DEBUG
-                self._flush_failing_since = time.monotonic()
-                log.warning("flush failed, retrying with backoff and committing nothing until it succeeds: %s", exc)
-            else:
-                log.debug("flush failed again: %s", exc)
-            return False
+        files = state.sink.flush_sealed()
+        for sink in self._alert_sinks:
+            sink.flush_sealed()
+        sealed = self._sealed
+        assert sealed is not None
+        now_ms = time.time() * 1000
+        rows = sealed.rows
+        return _Written(files, Counter(row.label for row in rows), Counter(row.topic for row in rows),
+                        [max(0.0, (now_ms - row.event_time_ms) / 1000) for row in rows])
+
+    def _failed(self, exc: BaseException) -> None:
+        metrics.SINK_RETRIES.inc()
+        if self._flush_failing_since is None:  # one WARNING per outage, the retries at DEBUG
+            self._flush_failing_since = time.monotonic()
+            log.warning("flush failed, retrying with backoff and committing nothing until it succeeds: %s", exc)
+        else:
+            log.debug("flush failed again: %s", exc)
+
+    def _done(self, written: _Written) -> None:
+        """The sealed part is durable: count it, and its offsets may be committed. Caller holds the lock."""
+        state = self._state
         if self._flush_failing_since is not None:
             log.info("flush succeeded again after %.0fs of failures", time.monotonic() - self._flush_failing_since)
             self._flush_failing_since = None
-        now_ms = time.time() * 1000
-        rows = self._buffered_rows
+        sealed = self._sealed
+        assert sealed is not None
         summary = state.summary
-        summary.labels.update(row.label for row in rows)
-        for topic, n in Counter(row.topic for row in rows).items():
+        summary.labels.update(written.labels)
+        for topic, n in written.per_topic.items():
             metrics.LABELED.labels(topic).inc(n)
-        metrics.observe_many(metrics.END_TO_END_SECONDS, [max(0.0, (now_ms - row.event_time_ms) / 1000) for row in rows])
-        for topic, reason in self._dlq_pending:
+        metrics.observe_many(metrics.END_TO_END_SECONDS, written.latencies)
+        for topic, reason in sealed.dead_letters:
             metrics.DEAD_LETTERED.labels(topic, reason).inc()
-        summary.labeled += len(self._buffered_rows)
-        summary.dead_lettered += len(self._dlq_pending)
-        summary.alerts += self._alerts_pending
-        summary.files.extend(f.path for f in files)
-        self._buffered_rows.clear()
-        self._dlq_pending.clear()
-        self._alerts_pending = 0
+        summary.labeled += len(sealed.rows)
+        summary.dead_lettered += len(sealed.dead_letters)
+        summary.alerts += sealed.alerts
+        summary.files.extend(f.path for f in written.files)
+        self._sealed = None
         state.ledger.made_durable()
-        return True
 
     def flush_until_durable(self, heartbeat: Callable[[], None]) -> None:
         """Flush what is in hand, retrying with backoff for a while (the last flush, before the last commit)."""

@@ -191,6 +191,10 @@ class OutputConfig(_Section):
     include_text: bool = Field(True, description="Write the text column.")
     flush_interval: float = Field(10.0, gt=0, description="Seconds between file flushes (and commits).")
     max_buffered_rows: int = Field(50_000, ge=1, description="Flush early when this many rows are buffered.")
+    background_flush: bool = Field(True, description=(
+        "Write files, dead letters and alerts on a writer thread beside the loop (which goes on consuming and "
+        "classifying); offsets are committed only once that flush is durable. Off: the loop waits for each flush. "
+        "Flushes are always on the loop with kafka.transactions."))
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     skip_written: bool = Field(True, description=(
         "Before each file, list the partition's files of that date and skip offsets another worker already "

@@ -9,6 +9,8 @@ stage, never one entry per record:
   in the output (file resume) or were handled in this session, and are skipped;
 - *handled*: records up to here are decoded and labeled or dead-lettered, in
   the sinks' buffers but not yet durable;
+- *sealed*: handled records set aside for the flush under way (it may run
+  beside the loop, which goes on handling newer records meanwhile);
 - *durable*: their dead letters, files and alerts are flushed; not yet committed.
 
 :meth:`OffsetLedger.to_commit` only ever offers durable offsets of partitions
@@ -30,6 +32,7 @@ class OffsetLedger:
     def __init__(self) -> None:
         self._position: dict[TP, int] = {}
         self._handled: dict[TP, int] = {}
+        self._sealed: dict[TP, int] = {}
         self._durable: dict[TP, int] = {}
 
     # -- accepting records --------------------------------------------------------
@@ -66,16 +69,23 @@ class OffsetLedger:
 
     def settled(self, tp: TP) -> bool:
         """True when nothing of ``tp`` is handled-but-not-durable or durable-but-not-committed."""
-        return tp not in self._handled and tp not in self._durable
+        return tp not in self._handled and tp not in self._sealed and tp not in self._durable
 
     def has_pending(self) -> bool:
-        """True while something handled is not yet durable."""
-        return bool(self._handled)
+        """True while something handled (sealed or not) is not yet durable."""
+        return bool(self._handled) or bool(self._sealed)
+
+    def seal(self) -> None:
+        """Everything handled so far goes to the next flush (with what an earlier, failed flush left sealed)."""
+        for tp, off in self._handled.items():
+            if off > self._sealed.get(tp, 0):
+                self._sealed[tp] = off
+        self._handled.clear()
 
     def made_durable(self) -> None:
-        """Everything handled so far is durable now (the sinks' flush returned)."""
-        self._durable.update(self._handled)
-        self._handled.clear()
+        """Everything sealed is durable now (the sinks' flush of the sealed records returned)."""
+        self._durable.update(self._sealed)
+        self._sealed.clear()
 
     # -- committing -----------------------------------------------------------------------
     def to_commit(self, owned: Iterable[TP]) -> dict[TP, int]:
@@ -93,6 +103,7 @@ class OffsetLedger:
     def assigned(self, tp: TP, resume_at: int | None) -> None:
         """``tp`` is (re)assigned; ``resume_at`` is the next offset the finished files do not hold, if any."""
         self._handled.pop(tp, None)
+        self._sealed.pop(tp, None)
         self._durable.pop(tp, None)
         if resume_at is None:
             self._position.pop(tp, None)
@@ -100,12 +111,14 @@ class OffsetLedger:
             self._position[tp] = resume_at
 
     def discard(self, tp: TP) -> None:
-        """What was handled on ``tp`` but not made durable is dropped (it will be redelivered)."""
+        """What was handled on ``tp`` but not made durable is dropped, sealed or not (it will be redelivered)."""
         self._handled.pop(tp, None)
+        self._sealed.pop(tp, None)
 
     def forget(self, tps: Iterable[TP]) -> None:
         """``tps`` are no longer ours: drop every stage."""
         for tp in tps:
             self._position.pop(tp, None)
             self._handled.pop(tp, None)
+            self._sealed.pop(tp, None)
             self._durable.pop(tp, None)

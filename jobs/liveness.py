@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nlpstream.jobs import metrics
 from nlpstream.jobs.shared import LOGGER_NAME, TP, SharedState
@@ -41,6 +41,7 @@ class Liveness:
         self._hard_backstop = hard_backstop  # also arm faulthandler's GIL-free timer (the process is ours)
         self._armed_at = -1e9
         self._beat = 0.0  # set by heartbeat() before the watchdog starts
+        self._flush_since: Callable[[], float | None] = lambda: None  # start of a flush beside the loop, if any
         # fetch-stall guard, on a clock that only runs inside poll (a long batch is no stall):
         self.poll_clock = 0.0  # seconds spent in poll so far
         self._progress: dict[TP, float] = {}  # poll clock when each partition was assigned or last gave a record
@@ -58,6 +59,11 @@ class Liveness:
             faulthandler.dump_traceback_later(self.config.stall_timeout + 30.0, exit=True)
             self._armed_at = self._beat
 
+    def watch_flush(self, flushing_since: Callable[[], float | None]) -> None:
+        """The watchdog also judges a flush beside the loop: ``flushing_since`` says when the one in flight
+        started (None: none); one that runs past ``stall_timeout`` is a stall too, though the loop beats."""
+        self._flush_since = flushing_since
+
     def start_watchdog(self) -> None:
         threading.Thread(target=self._watchdog, name="nlpstream-watchdog", daemon=True).start()
 
@@ -68,15 +74,21 @@ class Liveness:
             faulthandler.cancel_dump_traceback_later()
 
     def _watchdog(self) -> None:
-        """Exit with code 75 (and every thread's stack in the log) when a loop round stalls."""
+        """Exit with code 75 (and every thread's stack in the log) when a loop round or a flush stalls."""
         limit = self.config.stall_timeout
         while not self._done.wait(min(5.0, limit / 4)):
-            stalled = time.monotonic() - self._beat
-            if stalled > limit:
-                log.error("main loop stalled for %.0fs (limit %.0fs); dumping stacks and exiting with 75", stalled, limit)
-                faulthandler.dump_traceback(all_threads=True)
-                sys.stderr.flush()
-                os._exit(STALL_EXIT_CODE)
+            now = time.monotonic()
+            flush_since = self._flush_since()
+            if now - self._beat > limit:
+                what = f"main loop stalled for {now - self._beat:.0f}s"
+            elif flush_since is not None and now - flush_since > limit:
+                what = f"a flush beside the main loop has run for {now - flush_since:.0f}s"
+            else:
+                continue
+            log.error("%s (limit %.0fs); dumping stacks and exiting with 75", what, limit)
+            faulthandler.dump_traceback(all_threads=True)
+            sys.stderr.flush()
+            os._exit(STALL_EXIT_CODE)
 
     # -- progress per partition -----------------------------------------------------------
     def polled(self, seconds: float) -> None:

@@ -10,7 +10,8 @@
   transactional id is fenced and its committed offset read
   (:meth:`Rebalance.prepare`, see jobs/transactions.py);
 - on revocation what is in hand is made durable (never committed: the next
-  owner resumes from the files); on loss it is dropped.
+  owner resumes from the files); on loss it is dropped. Each callback first
+  waits for a flush running beside the loop (jobs/checkpoint.py).
 
 Threading: the callbacks run while the main loop is inside ``poll`` (on
 the polling thread with kafka-python 2.x, on its IO thread with 3.x) and
@@ -88,6 +89,7 @@ class Rebalance:
     def on_assigned(self, partitions: list[TP]) -> None:
         state = self._state
         with state.lock:
+            self._checkpoint.wait()  # a flush beside the loop ends before the sink is listed
             self._drain()
             for topic, partition in partitions:
                 tp = (topic, partition)
@@ -117,6 +119,7 @@ class Rebalance:
     def on_revoked(self, partitions: list[TP]) -> None:
         state = self._state
         with state.lock:
+            self._checkpoint.wait()  # a flush beside the loop ends first (the flush below waits for it too)
             self._drain()  # what was polled before the rebalance is handled and flushed with the rest
             if self._checkpoint.has_pending() and not self._checkpoint.flush():
                 for topic, partition in partitions:
@@ -125,6 +128,7 @@ class Rebalance:
 
     def on_lost(self, partitions: list[TP]) -> None:
         with self._state.lock:
+            self._checkpoint.wait()  # what a flush in flight makes durable stays so; the rest is dropped
             self._drain()
             for topic, partition in partitions:
                 self._checkpoint.discard(topic, partition)

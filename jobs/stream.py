@@ -118,7 +118,9 @@ class StreamJob:
             raise
         self._engine = parts.engine
         state.txn = parts.txn
-        checkpoint = self._checkpoint = Checkpoint(state, parts.dlq, parts.alert_sinks, self._txn_failed)
+        checkpoint = self._checkpoint = Checkpoint(state, parts.dlq, parts.alert_sinks, self._txn_failed,
+                                                   background=cfg.output.background_flush)
+        self._liveness.watch_flush(checkpoint.flushing_since)
         rebalance = self._rebalance = Rebalance(state, checkpoint, self._liveness, self._drain)
         batches = self._batches = Batches(state, parts.engine, parts.decode, self._rules, checkpoint,
                                           rebalance.rows_floor)
@@ -157,16 +159,24 @@ class StreamJob:
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
                         liveness.mark_progress(seen)
+                    flushed = checkpoint.reap()  # a flush beside the loop that finished (None: none did)
                     due = (now - last_flush >= cfg.output.flush_interval
                            or state.sink.buffered >= cfg.output.max_buffered_rows)
-                    if due and now >= next_flush_try and checkpoint.has_pending():
-                        if checkpoint.flush():
-                            last_flush, backoff = now, 0.0
+                    if due and now >= next_flush_try and checkpoint.has_pending() and not checkpoint.flushing:
+                        if checkpoint.background:
+                            checkpoint.start_flush()
+                            last_flush = now
                         else:
-                            backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
-                            next_flush_try = now + backoff
+                            flushed = checkpoint.flush()
+                            if flushed:
+                                last_flush = now
                     elif due and not checkpoint.has_pending():
                         last_flush = now
+                    if flushed is True:
+                        backoff = 0.0
+                    elif flushed is False:
+                        backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
+                        next_flush_try = now + backoff
                     self._apply_backpressure()
                 checkpoint.commit()
                 if rebalance.settle_due(now):
@@ -191,6 +201,7 @@ class StreamJob:
             raise
         finally:
             gc_settings.__exit__(None, None, None)
+            checkpoint.close()  # a flush in flight ends before its sinks close (still under the watchdog)
             liveness.finished()
             self._close()
             if not looped:

@@ -52,7 +52,14 @@ class AlertSink(Protocol):
 
     def write(self, alerts: Sequence[Alert]) -> None: ...
 
-    def flush(self) -> None: ...
+    def seal(self) -> None:
+        """Set aside what was written so far for :meth:`flush_sealed` (not while that runs)."""
+
+    def flush_sealed(self) -> None:
+        """Make the sealed alerts durable, maybe on another thread than ``write``'s; on error they stay sealed."""
+
+    def flush(self) -> None:
+        """``seal()`` then ``flush_sealed()``."""
 
     def close(self) -> None: ...
 
@@ -90,7 +97,8 @@ class FileAlertSink:
                         self._seen.add(json.loads(line)["id"])
                     except (ValueError, KeyError, TypeError):
                         continue
-        self._pending: list[Alert] = []
+        self._pending: list[Alert] = []  # written since the last seal
+        self._sealed: list[Alert] = []  # set aside for the flush under way (or the one that failed)
 
     def _drop_torn_tail(self) -> None:
         """Cut a last line a crash left unfinished (its alert is sent again)."""
@@ -102,18 +110,27 @@ class FileAlertSink:
     def write(self, alerts: Sequence[Alert]) -> None:
         self._pending.extend(a for a in alerts if self._seen.add(a.id))
 
+    def seal(self) -> None:
+        if self._pending:
+            self._sealed.extend(self._pending)
+            self._pending = []
+
     def flush(self) -> None:
-        if not self._pending:
+        self.seal()
+        self.flush_sealed()
+
+    def flush_sealed(self) -> None:
+        if not self._sealed:
             return
         try:
             with self.path.open("a", encoding="utf-8") as fh:
-                fh.writelines(a.to_json() + "\n" for a in self._pending)
+                fh.writelines(a.to_json() + "\n" for a in self._sealed)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise SinkWriteError(f"cannot append alerts to {self.path}: {exc}") from exc
-        metrics.ALERTS_SENT.labels("file").inc(len(self._pending))
-        self._pending.clear()
+        metrics.ALERTS_SENT.labels("file").inc(len(self._sealed))
+        self._sealed = []
 
     def close(self) -> None:
         self.flush()
@@ -132,7 +149,8 @@ class KafkaAlertSink:
         self.flush_timeout_s = flush_timeout_s
         self._seen = _SeenIds()
         metrics.ALERTS_SENT.labels("kafka")
-        self._futures: list[Any] = []
+        self._futures: list[Any] = []  # sent since the last seal
+        self._sealed: list[Any] = []  # set aside for the flush under way (or the one that failed)
 
     def write(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
@@ -141,17 +159,26 @@ class KafkaAlertSink:
                     self.producer.send(self.topic, key=alert.id.encode(), value=alert.to_json().encode("utf-8"))
                 )
 
+    def seal(self) -> None:
+        if self._futures:
+            self._sealed.extend(self._futures)
+            self._futures = []
+
     def flush(self) -> None:
-        if not self._futures:
+        self.seal()
+        self.flush_sealed()
+
+    def flush_sealed(self) -> None:
+        if not self._sealed:
             return
         try:
             self.producer.flush(timeout=self.flush_timeout_s)
-            for fut in self._futures:
+            for fut in self._sealed:
                 fut.get(timeout=self.flush_timeout_s)
         except Exception as exc:  # noqa: BLE001 - kafka-python raises many types; translated here
             raise SinkWriteError(f"cannot deliver alerts to topic {self.topic!r}: {exc}") from exc
-        metrics.ALERTS_SENT.labels("kafka").inc(len(self._futures))
-        self._futures.clear()
+        metrics.ALERTS_SENT.labels("kafka").inc(len(self._sealed))
+        self._sealed = []
 
     def close(self) -> None:
         self.flush()
@@ -176,7 +203,8 @@ class WebhookAlertSink:
         self.backoff_s = backoff_s
         self._seen = _SeenIds()
         metrics.ALERTS_SENT.labels("webhook")
-        self._pending: list[Alert] = []
+        self._pending: list[Alert] = []  # written since the last seal
+        self._sealed: list[Alert] = []  # set aside for the flush under way (or the one that failed)
 
     def write(self, alerts: Sequence[Alert]) -> None:
         self._pending.extend(a for a in alerts if self._seen.add(a.id))
@@ -202,10 +230,19 @@ class WebhookAlertSink:
                 time.sleep(self.backoff_s * (2**attempt))
         raise SinkWriteError(f"webhook delivery of alert {alert.id} failed: {last}")
 
+    def seal(self) -> None:
+        if self._pending:
+            self._sealed.extend(self._pending)
+            self._pending = []
+
     def flush(self) -> None:
-        while self._pending:
-            self._post(self._pending[0])
-            self._pending.pop(0)
+        self.seal()
+        self.flush_sealed()
+
+    def flush_sealed(self) -> None:
+        while self._sealed:
+            self._post(self._sealed[0])
+            self._sealed.pop(0)
             metrics.ALERTS_SENT.labels("webhook").inc()
 
     def close(self) -> None:

@@ -75,10 +75,18 @@ class WrittenFile:
 
 
 class RowBuffer:
-    """The buffering every row sink shares: ``write`` only buffers, ``discard`` drops a revoked partition's rows."""
+    """The buffering every row sink shares: ``write`` only buffers, ``discard`` drops a revoked partition's rows.
+
+    A flush can run beside the loop that writes: :meth:`seal` sets aside the
+    rows written so far, :meth:`flush_sealed` (on any one thread) makes those
+    durable while ``write`` goes on buffering new ones, and ``flush()`` is
+    both in turn. Rows a failed flush left sealed are sealed again with the
+    next ones, so a retry writes them first and nothing twice.
+    """
 
     def __init__(self) -> None:
         self._buffer: list[OutputRow] = []
+        self._sealed: list[OutputRow] = []  # set aside for the flush under way (or the one that failed)
 
     # -- sink protocol ----------------------------------------------------
     def write(self, rows: Sequence[OutputRow]) -> None:
@@ -87,13 +95,32 @@ class RowBuffer:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Rows not durable yet: written since the last seal, and sealed."""
+        return len(self._buffer) + len(self._sealed)
+
+    def seal(self) -> None:
+        """Set aside every row written so far for :meth:`flush_sealed`; later writes wait for the next seal.
+        Not while a flush of sealed rows runs."""
+        if self._buffer:
+            self._sealed.extend(self._buffer)
+            self._buffer = []
+
+    def flush(self) -> list[WrittenFile]:
+        """Write every buffered row durably; returns the files written (possibly none)."""
+        self.seal()
+        return self.flush_sealed()
+
+    def flush_sealed(self) -> list[WrittenFile]:
+        """Make the sealed rows durable; on error they stay sealed (the same flush can be retried)."""
+        raise NotImplementedError
 
     def discard(self, topic: str, partition: int) -> int:
-        """Drop buffered rows of a partition (lost in a rebalance); returns how many."""
-        before = len(self._buffer)
+        """Drop buffered and sealed rows of a partition (lost in a rebalance); returns how many.
+        Not while a flush of sealed rows runs."""
+        before = self.buffered
         self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
-        return before - len(self._buffer)
+        self._sealed = [r for r in self._sealed if not (r.topic == topic and r.partition == partition)]
+        return before - self.buffered
 
 
 class ParquetSink(RowBuffer):
@@ -121,11 +148,11 @@ class ParquetSink(RowBuffer):
         self._errors: tuple[type[BaseException], ...] = (OSError, RuntimeError) if self._local else (Exception,)
         super().__init__()
 
-    def flush(self) -> list[WrittenFile]:
-        """Write all buffered rows durably; returns the files written (possibly none)."""
-        if not self._buffer:
+    def flush_sealed(self) -> list[WrittenFile]:
+        """Write the sealed rows durably; returns the files written (possibly none)."""
+        if not self._sealed:
             return []
-        rows = sorted(self._buffer, key=lambda r: (r.topic, r.partition, r.offset))
+        rows = sorted(self._sealed, key=lambda r: (r.topic, r.partition, r.offset))
         chunks = [
             list(run)
             for _, part_rows in groupby(rows, key=lambda r: (r.topic, r.partition))
@@ -143,9 +170,9 @@ class ParquetSink(RowBuffer):
                 written.append(self._write_file(chunk))
             except SinkWriteError:
                 # keep only what is not durable yet, so a retry writes nothing twice
-                self._buffer = [r for c in chunks[i:] for r in c]
+                self._sealed = [r for c in chunks[i:] for r in c]
                 raise
-        self._buffer = []
+        self._sealed = []
         return written
 
     def _unwritten(self, chunk: list[OutputRow]) -> list[list[OutputRow]]:

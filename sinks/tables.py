@@ -91,11 +91,11 @@ class _TableSink(RowBuffer):
     def close(self) -> None:
         self.flush()
 
-    def flush(self) -> list[WrittenFile]:
-        """One commit with every buffered row not yet in the table, and the progress of their partitions."""
-        if not self._buffer:
+    def flush_sealed(self) -> list[WrittenFile]:
+        """One commit with every sealed row not yet in the table, and the progress of their partitions."""
+        if not self._sealed:
             return []
-        rows = sorted(self._buffer, key=lambda r: (r.topic, r.partition, r.offset))
+        rows = sorted(self._sealed, key=lambda r: (r.topic, r.partition, r.offset))
         last_error: Exception | None = None
         for attempt in range(_COMMIT_TRIES):
             try:
@@ -107,7 +107,7 @@ class _TableSink(RowBuffer):
                     log.warning("%d buffered rows are already in the %s table (another worker or an earlier run "
                                 "committed them); not writing them again", dropped, self.format)
                 if not fresh:
-                    self._buffer = []
+                    self._sealed = []
                     return []
                 progress = {(t, p): max(r.offset for r in run) for (t, p), run in
                             groupby(fresh, key=lambda r: (r.topic, r.partition))}
@@ -128,7 +128,7 @@ class _TableSink(RowBuffer):
                                      f"{type(exc).__name__}: {exc}") from exc
             metrics.ROWS_WRITTEN.inc(len(fresh))
             metrics.FILES_WRITTEN.inc()
-            self._buffer = []
+            self._sealed = []
             return _ranges(fresh)
         metrics.WRITE_ERRORS.inc()
         raise SinkWriteError(f"the {self.format} table {self.url} kept refusing the commit "

@@ -12,6 +12,7 @@ def test_nothing_is_committable_before_it_is_durable():
     assert [ledger.accept(A, o) for o in (0, 1, 2)] == [True, True, True]
     ledger.handled(A, 2)
     assert ledger.has_pending() and ledger.to_commit([A]) == {}
+    ledger.seal()
     ledger.made_durable()
     assert not ledger.has_pending() and ledger.to_commit([A]) == {A: 3}
     ledger.committed({A: 3})
@@ -22,10 +23,12 @@ def test_only_owned_partitions_are_offered_and_a_newer_durable_offset_survives_a
     ledger = OffsetLedger()
     ledger.handled(A, 4)
     ledger.handled(B, 9)
+    ledger.seal()
     ledger.made_durable()
     assert ledger.to_commit([A]) == {A: 5}
     offered = ledger.to_commit([A, B])
     ledger.handled(A, 7)  # more arrives while the commit is in flight
+    ledger.seal()
     ledger.made_durable()
     ledger.committed(offered)
     assert ledger.to_commit([A, B]) == {A: 8}
@@ -35,6 +38,7 @@ def test_handled_never_moves_back():
     ledger = OffsetLedger()
     ledger.handled(A, 10)
     ledger.handled(A, 3)
+    ledger.seal()
     ledger.made_durable()
     assert ledger.to_commit([A]) == {A: 11}
 
@@ -55,6 +59,7 @@ def test_reassignment_discard_and_forget_drop_what_is_not_durable():
     ledger.handled(A, 4)
     ledger.handled(B, 4)
     ledger.discard(A)  # lost before its flush: redelivered, never committed
+    ledger.seal()
     ledger.made_durable()
     assert ledger.to_commit([A, B]) == {B: 5}
     ledger.assigned(B, None)  # assigned again: resume from files and committed offsets, not from memory
@@ -95,7 +100,39 @@ def test_settled_means_nothing_handled_or_durable_waits():
     ledger.accept_run(tp, [0, 1])
     ledger.handled(tp, 1)
     assert not ledger.settled(tp)
+    ledger.seal()
     ledger.made_durable()
     assert not ledger.settled(tp)
     ledger.committed(ledger.to_commit([tp]))
     assert ledger.settled(tp)
+
+
+def test_a_flush_beside_the_loop_makes_only_what_was_sealed_durable():
+    ledger = OffsetLedger()
+    ledger.handled(A, 4)
+    ledger.seal()  # the flush of offsets 0..4 starts
+    ledger.handled(A, 9)  # the loop goes on meanwhile
+    ledger.handled(B, 2)
+    assert ledger.has_pending() and not ledger.settled(B)
+    ledger.made_durable()  # the flush of the sealed records returned
+    assert ledger.to_commit([A, B]) == {A: 5}, "records handled after the seal are not durable yet"
+    assert ledger.has_pending()
+    ledger.seal()
+    ledger.made_durable()
+    assert ledger.to_commit([A, B]) == {A: 10, B: 3} and not ledger.has_pending()
+
+
+def test_a_failed_flush_is_sealed_again_with_the_newer_records_and_discard_drops_both():
+    ledger = OffsetLedger()
+    ledger.handled(A, 4)
+    ledger.handled(B, 4)
+    ledger.seal()  # this flush fails: nothing is made durable
+    ledger.handled(A, 6)
+    ledger.seal()  # the retry takes the failed flush's records and the newer ones
+    assert ledger.has_pending() and ledger.to_commit([A, B]) == {}
+    ledger.handled(B, 8)
+    ledger.discard(B)  # lost: sealed or not, none of it may be committed
+    ledger.made_durable()
+    assert ledger.to_commit([A, B]) == {A: 7}
+    assert not ledger.has_pending() and ledger.settled(B)
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -84,28 +86,41 @@ class Calls(list):
 
 
 class FakeSink:
+    """A row sink in memory; ``gate`` (an Event) holds a flush of sealed rows until it is set."""
+
     def __init__(self, calls: Calls, fail_flush: bool = False, last: int | None = None) -> None:
         self.calls, self.fail_flush, self.last = calls, fail_flush, last
         self.rows: list = []
+        self.sealed: list = []
+        self.durable: list = []
+        self.gate: threading.Event | None = None
 
     @property
     def buffered(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + len(self.sealed)
 
     def write(self, rows):
         self.rows.extend(rows)
 
-    def flush(self):
+    def seal(self):
+        self.sealed.extend(self.rows)
+        self.rows = []
+
+    def flush_sealed(self):
+        if self.gate is not None:
+            assert self.gate.wait(10)
         self.calls.append("files")
         if self.fail_flush:
             raise SinkWriteError("disk full")
-        self.rows.clear()
+        self.durable.extend(self.sealed)
+        self.sealed = []
         return []
 
     def discard(self, topic, partition):
-        before = len(self.rows)
+        before = self.buffered
         self.rows = [r for r in self.rows if (r.topic, r.partition) != (topic, partition)]
-        return before - len(self.rows)
+        self.sealed = [r for r in self.sealed if (r.topic, r.partition) != (topic, partition)]
+        return before - self.buffered
 
     def remove_temp_files(self, topic, partition):
         return 0
@@ -121,7 +136,10 @@ class FakeDlq:
     def send(self, record, error_class, message):
         self.sent.append((record.offset, error_class))
 
-    def flush(self):
+    def seal(self):
+        pass
+
+    def flush_sealed(self):
         self.calls.append("dlq")
         if self.fail:
             raise DeadLetterError("dlq down")
@@ -134,17 +152,21 @@ class FakeAlertSink:
     def write(self, alerts):
         self.written.extend(alerts)
 
-    def flush(self):
+    def seal(self):
+        pass
+
+    def flush_sealed(self):
         self.calls.append("alerts")
 
 
-def _parts(fail_files=False, fail_dlq=False, assigned=(T0,), last=None):
+def _parts(fail_files=False, fail_dlq=False, assigned=(T0,), last=None, background=False):
     calls = Calls()
     state = SharedState(_config())
     state.input = FakeInput(assigned)
     state.sink = FakeSink(calls, fail_flush=fail_files, last=last)
     failed: list[TransactionError] = []
-    checkpoint = Checkpoint(state, FakeDlq(calls, fail=fail_dlq), [FakeAlertSink(calls)], failed.append)
+    checkpoint = Checkpoint(state, FakeDlq(calls, fail=fail_dlq), [FakeAlertSink(calls)], failed.append,
+                            background=background)
     return state, checkpoint, calls, failed
 
 
@@ -312,6 +334,98 @@ def test_discard_drops_what_is_not_durable_of_one_partition_only():
     assert state.input.commits == [{T1: 1}] and state.summary.labeled == 1
 
 
+def _handle(state, checkpoint, tp, offsets, label="positive"):
+    """What the batching part does for labeled records: rows written, offsets handled."""
+    from nlpstream.sinks import OutputRow
+
+    checkpoint.write_rows([OutputRow(tp[0], tp[1], o, f"r{o}", "x", label, 0.9, 1000, 1000, "m") for o in offsets])
+    state.ledger.accept_run(tp, offsets)
+    state.ledger.handled(tp, offsets[-1])
+
+
+def test_a_flush_beside_the_loop_makes_only_the_sealed_records_durable_and_committable():
+    state, checkpoint, calls, _ = _parts(background=True)
+    state.sink.gate = threading.Event()
+    _handle(state, checkpoint, T0, [0, 1, 2])
+    assert checkpoint.start_flush() and checkpoint.flushing
+    assert not checkpoint.start_flush(), "one flush in flight at a time"
+    _handle(state, checkpoint, T0, [3, 4])  # the loop goes on while the writer thread flushes
+    assert checkpoint.reap() is None
+    checkpoint.commit()
+    assert state.input.commits == [] and state.summary.labeled == 0
+    assert state.sink.buffered == 5, "sealed rows count against the buffer limit until durable"
+    state.sink.gate.set()
+    checkpoint._in_flight.result(timeout=10)
+    assert checkpoint.reap() is True and not checkpoint.flushing
+    assert calls == ["dlq", "files", "alerts"]
+    assert [r.offset for r in state.sink.durable] == [0, 1, 2] and state.summary.labeled == 3
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 3}], "records handled after the seal are not committed"
+    assert checkpoint.has_pending()
+    assert checkpoint.flush()  # the synchronous flush (rebalance, last flush) takes the rest
+    checkpoint.commit()
+    assert state.input.commits[-1] == {T0: 5} and state.summary.labeled == 5
+    checkpoint.close()
+
+
+def test_a_failed_flush_beside_the_loop_is_retried_with_the_newer_records_first_in_line():
+    state, checkpoint, calls, _ = _parts(fail_files=True, background=True)
+    _handle(state, checkpoint, T0, [0, 1])
+    retries = metrics.SINK_RETRIES._value.get()
+    assert checkpoint.start_flush()
+    checkpoint._in_flight.exception(timeout=10)
+    assert checkpoint.reap() is False and metrics.SINK_RETRIES._value.get() == retries + 1
+    checkpoint.commit()
+    assert state.input.commits == [] and state.summary.labeled == 0 and checkpoint.has_pending()
+    _handle(state, checkpoint, T0, [2])
+    state.sink.fail_flush = False
+    assert checkpoint.start_flush()
+    checkpoint._in_flight.result(timeout=10)
+    assert checkpoint.reap() is True
+    assert [r.offset for r in state.sink.durable] == [0, 1, 2] and state.summary.labeled == 3
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 3}] and not checkpoint.has_pending()
+    checkpoint.close()
+
+
+def test_discard_waits_for_the_flush_in_flight_and_keeps_what_it_made_durable():
+    state, checkpoint, _, _ = _parts(assigned=[T0, T1], background=True)
+    state.sink.gate = threading.Event()
+    _handle(state, checkpoint, T0, [0, 1])
+    _handle(state, checkpoint, T1, [0])
+    assert checkpoint.start_flush()
+    _handle(state, checkpoint, T0, [2, 3])  # handled after the seal: dropped by the discard
+    threading.Timer(0.2, state.sink.gate.set).start()
+    checkpoint.discard("t", 0)  # a lost partition: waits for the writer thread first
+    assert not checkpoint.flushing and state.summary.labeled == 3
+    assert checkpoint.flush()
+    checkpoint.commit()
+    assert state.input.commits == [{T0: 2, T1: 1}], "offsets 2..3 of t-0 are redelivered, 0..1 were durable"
+    assert [r.offset for r in state.sink.durable if r.partition == 0] == [0, 1]
+    checkpoint.close()
+
+
+def test_the_watchdog_judges_a_flush_that_runs_too_long():
+    state, checkpoint, _, _ = _parts(background=True)
+    state.sink.gate = threading.Event()
+    _handle(state, checkpoint, T0, [0])
+    assert checkpoint.flushing_since() is None
+    checkpoint.start_flush()
+    started = checkpoint.flushing_since()
+    assert started is not None and started <= time.monotonic()
+    state.sink.gate.set()
+    checkpoint.wait()
+    assert checkpoint.flushing_since() is None
+    checkpoint.close()
+
+
+def test_with_transactions_every_flush_stays_on_the_loop():
+    state = SharedState(_config())
+    state.txn = object()  # any transactions part: the checkpoint only looks whether there is one
+    checkpoint = Checkpoint(state, FakeDlq(Calls()), [], lambda error: None, background=True)
+    assert not checkpoint.background
+
+
 def test_commit_sends_resume_positions_and_skips_partitions_no_longer_owned():
     state, checkpoint, _, _ = _parts(assigned=[T0])
     state.resume_commits.update({T0: 40, T1: 7})
@@ -469,8 +583,6 @@ class GatedEngine(BisectEngine):
     """Classifies only once ``gate`` is set: keeps a batch in flight on the classifier thread."""
 
     def __init__(self) -> None:
-        import threading
-
         self.gate = threading.Event()
 
     def classify(self, texts):

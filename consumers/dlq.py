@@ -42,6 +42,27 @@ def dlq_headers(record: InputRecord, error_class: str, message: str) -> list[tup
     ]
 
 
+def resend_failed(producer: Any, topic: str, sent: list[tuple[dict[str, Any], Any]], timeout_s: float) -> list:
+    """Wait for every ``(message, future)`` in ``sent`` to be acknowledged and return ``sent``; when a send
+    failed (a broker outage outlasting the producer's delivery timeout), raise its KafkaError after sending
+    again, in ``sent``'s place, every message whose future failed: the retry waits for the new sends. A failed
+    future never recovers, so waiting on it again would fail for ever."""
+    producer.flush(timeout=timeout_s)
+    error: KafkaError | None = None
+    for i, (message, fut) in enumerate(sent):
+        try:
+            fut.get(timeout=timeout_s)
+        except KafkaError as exc:
+            if not fut.is_done:  # not failed, only slow: waited for again by the retry
+                error = error or exc
+                continue
+            error = error or exc
+            sent[i] = (message, producer.send(topic, **message))
+    if error is not None:
+        raise error
+    return sent
+
+
 class DeadLetterQueue:
     """Sends bad records to one topic; delivered (acks=all) when :meth:`flush` returns.
 
@@ -59,21 +80,15 @@ class DeadLetterQueue:
             )
         except (KafkaError, OSError) as exc:  # OSError: TLS handshake refused, connection reset
             raise DeadLetterError(f"cannot create the dead-letter producer: {connect_error(connection, exc)}") from exc
-        self._futures: list[Any] = []  # queued since the last seal
-        self._sealed: list[Any] = []  # set aside for the flush under way (or the one that failed)
+        self._futures: list[tuple[dict[str, Any], Any]] = []  # (message, future) queued since the last seal
+        self._sealed: list[tuple[dict[str, Any], Any]] = []  # set aside for the flush under way (or the one that failed)
 
     def send(self, record: InputRecord, error_class: str, message: str) -> None:
         """Queue one dead letter; raises DeadLetterError when the producer refuses it."""
+        message_kw = {"key": record.key, "value": record.value, "headers": dlq_headers(record, error_class, message),
+                      "timestamp_ms": record.timestamp_ms or None}
         try:
-            self._futures.append(
-                self._producer.send(
-                    self.topic,
-                    key=record.key,
-                    value=record.value,
-                    headers=dlq_headers(record, error_class, message),
-                    timestamp_ms=record.timestamp_ms or None,
-                )
-            )
+            self._futures.append((message_kw, self._producer.send(self.topic, **message_kw)))
         except KafkaError as exc:
             raise DeadLetterError(f"cannot queue a dead letter for {record.topic}-{record.partition}@{record.offset}: {exc}") from exc
 
@@ -94,9 +109,7 @@ class DeadLetterQueue:
         if not self._sealed:
             return 0
         try:
-            self._producer.flush(timeout=self.flush_timeout_s)
-            for fut in self._sealed:
-                fut.get(timeout=self.flush_timeout_s)
+            self._sealed = resend_failed(self._producer, self.topic, self._sealed, self.flush_timeout_s)
         except KafkaError as exc:
             raise DeadLetterError(f"dead letters not acknowledged by topic {self.topic!r}: {exc}") from exc
         count = len(self._sealed)

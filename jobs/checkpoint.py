@@ -98,6 +98,8 @@ class Checkpoint:
         self._writer: ThreadPoolExecutor | None = None
         self.background = background and state.txn is None
         self._flush_failing_since: float | None = None  # monotonic start of a sink outage (one WARNING each)
+        self._backoff = 0.0  # after a failed flush: seconds until the next try (doubling), and when that is
+        self._next_try = 0.0
 
     # -- handled, not durable yet (caller holds the lock) -----------------------------------
     def dead_letter(self, record: InputRecord, error_class: str, message: str, reason: str) -> None:
@@ -146,9 +148,19 @@ class Checkpoint:
         """True while a flush runs on the writer thread."""
         return self._in_flight is not None
 
+    @property
+    def failing(self) -> bool:
+        """True when the last flush failed and its part waits, sealed, for the next try."""
+        return self._in_flight is None and self._sealed is not None
+
+    def retry_due(self, now: float) -> bool:
+        """False while a failed flush's backoff runs (it doubles per failure, up to 30 s)."""
+        return now >= self._next_try
+
     def flushing_since(self) -> float | None:
-        """Monotonic time the flush in flight started (the watchdog's view), or None."""
-        return self._in_flight_since
+        """Monotonic time the flush in flight started, while it runs (the watchdog's view), or None."""
+        future, since = self._in_flight, self._in_flight_since
+        return None if future is None or future.done() else since
 
     def flush(self) -> bool:
         """Make everything handled durable (DLQ, files, alerts) on this thread; True on success. Caller holds the lock.
@@ -211,6 +223,12 @@ class Checkpoint:
         except (DeadLetterError, SinkError) as exc:
             self._failed(exc)
             return False
+        except BaseException as exc:
+            # not a storage outage (a bug, an Arrow error, memory): the job stops. Kept for the loop too, since a
+            # rebalance callback that waited here is cut short and the client swallows what it raises.
+            if self._state.fatal is None:
+                self._state.fatal = exc
+            raise
         finally:
             self._in_flight = self._in_flight_since = None
         self._done(written)
@@ -252,6 +270,8 @@ class Checkpoint:
 
     def _failed(self, exc: BaseException) -> None:
         metrics.SINK_RETRIES.inc()
+        self._backoff = min(MAX_BACKOFF_S, max(0.5, self._backoff * 2))
+        self._next_try = time.monotonic() + self._backoff
         if self._flush_failing_since is None:  # one WARNING per outage, the retries at DEBUG
             self._flush_failing_since = time.monotonic()
             log.warning("flush failed, retrying with backoff and committing nothing until it succeeds: %s", exc)
@@ -264,6 +284,7 @@ class Checkpoint:
         if self._flush_failing_since is not None:
             log.info("flush succeeded again after %.0fs of failures", time.monotonic() - self._flush_failing_since)
             self._flush_failing_since = None
+        self._backoff, self._next_try = 0.0, 0.0
         sealed = self._sealed
         assert sealed is not None
         summary = state.summary

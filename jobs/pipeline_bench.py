@@ -12,7 +12,9 @@ On one topic of JSON messages on a real broker (the local launcher unless
 3. the stream job with a *simulated device* that sleeps ``len(texts) / D``
    seconds per call (sleeping releases the GIL, as a GPU does), ``D`` set to
    ``device_share`` (0.6) of the instant rate: the share of time the device is
-   kept busy;
+   kept busy, unpipelined (``pipeline_depth`` 0), pipelined with every flush
+   on the loop's thread (``output.background_flush`` off), and as configured
+   by default (pipelined, flushes beside the loop);
 4. the engine with an instant runner beside the tokenizer alone, on the same
    texts (the engine's host side), with a GPU's batch limits (the instant
    runner stands in for a fast device) and, for reference, the CPU's;
@@ -153,14 +155,14 @@ def _bare_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
 
 
 def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path, depth: int | None = None,
-             client: str = "kafka-python") -> Any:
+             client: str = "kafka-python", background_flush: bool = True) -> Any:
     from nlpstream.jobs.config import StreamConfig, load_config
     from nlpstream.jobs.stream import StreamJob
 
     cfg = load_config(StreamConfig, None, {
         "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}",
         "output.output": str(out), "max_messages": n, "idle_timeout": 60.0, "pipeline_depth": depth,
-        "kafka.client": client})
+        "kafka.client": client, "output.background_flush": background_flush})
     cfg.metrics.metrics_port = None
     return StreamJob(cfg, engine=engine).run()
 
@@ -345,12 +347,16 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
                  f"{result['job_instant_confluent_vs_kafka_python_client']}x kafka-python)")
             device_rate = device_share * instant.rate()
             result["simulated_device_texts_per_s"] = round(device_rate, 1)
-            for depth, key in ((0, "simulated_device_busy_share_unpipelined"), (None, "simulated_device_busy_share")):
+            for depth, background, key, what in (
+                    (0, True, "simulated_device_busy_share_unpipelined", "pipeline_depth 0"),
+                    (None, False, "simulated_device_busy_share_flush_on_loop", "flushes on the loop"),
+                    (None, True, "simulated_device_busy_share", "default settings")):
                 device = StandInEngine(seconds_per_text=1.0 / device_rate)
-                _run_job(bootstrap, topic, messages, device, Path(tmp) / f"device-{depth}", depth=depth)
+                _run_job(bootstrap, topic, messages, device, Path(tmp) / f"device-{key}", depth=depth,
+                         background_flush=background)
                 result[key] = round(device.utilisation(), 3)
-                echo(f"  stream job, device at {device_rate:.0f} texts/s, pipeline_depth "
-                     f"{'0' if depth == 0 else 'default'}: busy {device.utilisation():.1%} of the time")
+                echo(f"  stream job, device at {device_rate:.0f} texts/s, {what}: "
+                     f"busy {device.utilisation():.1%} of the time")
         host = _engine_host_side(texts[: min(len(texts), 50_000)])
         result.update(host)
         echo(f"  engine, instant runner, GPU limits  {host['engine_instant_runner_texts_per_s']:>10.1f} texts/s "

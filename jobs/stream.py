@@ -49,7 +49,7 @@ from nlpstream.jobs.gc_tuning import tuned_gc
 from nlpstream.jobs.liveness import STALL_EXIT_CODE, Liveness
 from nlpstream.jobs.rebalance import Rebalance, read_files_end
 from nlpstream.jobs.registry_gate import RegistryGate
-from nlpstream.jobs.shared import MAX_BACKOFF_S, TP, SharedState, StreamSummary
+from nlpstream.jobs.shared import TP, SharedState, StreamSummary
 from nlpstream.jobs.transactions import TransactionError
 from nlpstream.jobs.wiring import (DEAD_LETTER_REASONS, Parts, build_sink, check_and_build_sink, connection_settings,
                                    engine_head_names, wire)
@@ -58,7 +58,6 @@ __all__ = ["DEAD_LETTER_REASONS", "DEVICE_EXIT_CODE", "STALL_EXIT_CODE", "Stream
            "connection_settings", "engine_head_names", "run_stream"]
 
 log = logging.getLogger(__name__)
-_MAX_BACKOFF_S = MAX_BACKOFF_S
 DEVICE_EXIT_CODE = 69  # EX_UNAVAILABLE: no inference device answers any more; nothing was dead-lettered for it
 
 
@@ -133,8 +132,6 @@ class StreamJob:
             state.input = self._new_input()  # inside: a consumer that cannot be made still closes the parts
             looped = True
             last_flush = last_input = time.monotonic()
-            backoff = 0.0
-            next_flush_try = 0.0
             liveness.heartbeat()
             liveness.start_watchdog()
             while not self._stop.is_set():
@@ -159,24 +156,18 @@ class StreamJob:
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
                         liveness.mark_progress(seen)
-                    flushed = checkpoint.reap()  # a flush beside the loop that finished (None: none did)
-                    due = (now - last_flush >= cfg.output.flush_interval
+                    checkpoint.reap()  # a flush beside the loop that finished: its offsets are durable now
+                    due = (now - last_flush >= cfg.output.flush_interval or checkpoint.failing
                            or state.sink.buffered >= cfg.output.max_buffered_rows)
-                    if due and now >= next_flush_try and checkpoint.has_pending() and not checkpoint.flushing:
-                        if checkpoint.background:
-                            checkpoint.start_flush()
+                    if due and checkpoint.has_pending():
+                        if not checkpoint.flushing and checkpoint.retry_due(now):
+                            if checkpoint.background:
+                                checkpoint.start_flush()
+                            else:
+                                checkpoint.flush()
                             last_flush = now
-                        else:
-                            flushed = checkpoint.flush()
-                            if flushed:
-                                last_flush = now
-                    elif due and not checkpoint.has_pending():
+                    elif due:
                         last_flush = now
-                    if flushed is True:
-                        backoff = 0.0
-                    elif flushed is False:
-                        backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
-                        next_flush_try = now + backoff
                     self._apply_backpressure()
                 checkpoint.commit()
                 if rebalance.settle_due(now):
@@ -222,6 +213,7 @@ class StreamJob:
         assert self._batches is not None and self._checkpoint is not None and self._rebalance is not None
         state, checkpoint = self._state, self._checkpoint
         with state.lock:
+            checkpoint.wait()
             self._batches.drain()
             if checkpoint.has_pending() and not checkpoint.flush():
                 for topic, partition in state.input.assignment():

@@ -2,6 +2,9 @@
 
 A sink is small: ``write(rows)``, ``flush()`` (durable on return),
 ``close()``. Sinks never commit offsets; the job does, after every flush.
+For a flush beside the loop that writes, ``flush()`` is ``seal()`` (set
+aside what was written so far) then ``flush_sealed()`` (make that durable,
+on any one thread, while ``write`` goes on filling the next part).
 """
 
 from nlpstream.sinks.alerts import Alert, AlertSink, FileAlertSink, KafkaAlertSink, WebhookAlertSink

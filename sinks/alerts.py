@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from nlpstream.consumers.dlq import resend_failed
 from nlpstream.sinks import metrics
 from nlpstream.sinks.errors import SinkWriteError
 
@@ -155,9 +156,8 @@ class KafkaAlertSink:
     def write(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
             if self._seen.add(alert.id):
-                self._futures.append(
-                    self.producer.send(self.topic, key=alert.id.encode(), value=alert.to_json().encode("utf-8"))
-                )
+                message = {"key": alert.id.encode(), "value": alert.to_json().encode("utf-8")}
+                self._futures.append((message, self.producer.send(self.topic, **message)))
 
     def seal(self) -> None:
         if self._futures:
@@ -172,9 +172,7 @@ class KafkaAlertSink:
         if not self._sealed:
             return
         try:
-            self.producer.flush(timeout=self.flush_timeout_s)
-            for fut in self._sealed:
-                fut.get(timeout=self.flush_timeout_s)
+            resend_failed(self.producer, self.topic, self._sealed, self.flush_timeout_s)
         except Exception as exc:  # noqa: BLE001 - kafka-python raises many types; translated here
             raise SinkWriteError(f"cannot deliver alerts to topic {self.topic!r}: {exc}") from exc
         metrics.ALERTS_SENT.labels("kafka").inc(len(self._sealed))

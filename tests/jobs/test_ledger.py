@@ -127,12 +127,14 @@ def test_a_failed_flush_is_sealed_again_with_the_newer_records_and_discard_drops
     ledger.handled(A, 4)
     ledger.handled(B, 4)
     ledger.seal()  # this flush fails: nothing is made durable
+    ledger.handled(("t", 2), 3)
+    ledger.seal()  # this one fails as well
     ledger.handled(A, 6)
-    ledger.seal()  # the retry takes the failed flush's records and the newer ones
+    ledger.seal()  # the retry takes the failed flushes' records and the newer ones
     assert ledger.has_pending() and ledger.to_commit([A, B]) == {}
     ledger.handled(B, 8)
     ledger.discard(B)  # lost: sealed or not, none of it may be committed
     ledger.made_durable()
-    assert ledger.to_commit([A, B]) == {A: 7}
+    assert ledger.to_commit([A, B, ("t", 2)]) == {A: 7, ("t", 2): 4}, "a sealed partition with nothing newer"
     assert not ledger.has_pending() and ledger.settled(B)
 

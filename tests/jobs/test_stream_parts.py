@@ -131,32 +131,41 @@ class FakeSink:
 
 class FakeDlq:
     def __init__(self, calls: Calls, fail: bool = False) -> None:
-        self.calls, self.fail, self.sent = calls, fail, []
+        self.calls, self.fail = calls, fail
+        self.sent: list = []  # queued since the last seal
+        self.sealed: list = []
+        self.delivered: list = []
 
     def send(self, record, error_class, message):
         self.sent.append((record.offset, error_class))
 
     def seal(self):
-        pass
+        self.sealed.extend(self.sent)
+        self.sent = []
 
     def flush_sealed(self):
         self.calls.append("dlq")
         if self.fail:
             raise DeadLetterError("dlq down")
+        self.delivered.extend(self.sealed)
+        self.sealed = []
 
 
 class FakeAlertSink:
     def __init__(self, calls: Calls) -> None:
-        self.calls, self.written = calls, []
+        self.calls, self.written, self.sealed, self.delivered = calls, [], [], []
 
     def write(self, alerts):
         self.written.extend(alerts)
 
     def seal(self):
-        pass
+        self.sealed.extend(self.written)
+        self.written = []
 
     def flush_sealed(self):
         self.calls.append("alerts")
+        self.delivered.extend(self.sealed)
+        self.sealed = []
 
 
 def _parts(fail_files=False, fail_dlq=False, assigned=(T0,), last=None, background=False):
@@ -167,7 +176,14 @@ def _parts(fail_files=False, fail_dlq=False, assigned=(T0,), last=None, backgrou
     failed: list[TransactionError] = []
     checkpoint = Checkpoint(state, FakeDlq(calls, fail=fail_dlq), [FakeAlertSink(calls)], failed.append,
                             background=background)
+    checkpoint.dlq, checkpoint.alert_sink = checkpoint._dlq, checkpoint._alert_sinks[0]  # for the tests' asserts
     return state, checkpoint, calls, failed
+
+
+def _alert(alert_id: str):
+    from nlpstream.sinks import Alert
+
+    return Alert(alert_id, "rule", "message", "t", 0, 0, alert_id, None, 1000)
 
 
 def _record(offset: int, partition: int = 0, text: str = "fine") -> InputRecord:
@@ -347,24 +363,34 @@ def test_a_flush_beside_the_loop_makes_only_the_sealed_records_durable_and_commi
     state, checkpoint, calls, _ = _parts(background=True)
     state.sink.gate = threading.Event()
     _handle(state, checkpoint, T0, [0, 1, 2])
+    checkpoint.write_alerts([_alert("before-the-seal")])
     assert checkpoint.start_flush() and checkpoint.flushing
     assert not checkpoint.start_flush(), "one flush in flight at a time"
     _handle(state, checkpoint, T0, [3, 4])  # the loop goes on while the writer thread flushes
+    checkpoint.dead_letter(_record(5), "DecodeError:json", "bad", "json")
+    checkpoint.write_alerts([_alert("after-the-seal")])
+    state.ledger.accept_run(T0, [5])
+    state.ledger.handled(T0, 5)
     assert checkpoint.reap() is None
     checkpoint.commit()
     assert state.input.commits == [] and state.summary.labeled == 0
-    assert state.sink.buffered == 5, "sealed rows count against the buffer limit until durable"
     state.sink.gate.set()
     checkpoint._in_flight.result(timeout=10)
     assert checkpoint.reap() is True and not checkpoint.flushing
     assert calls == ["dlq", "files", "alerts"]
     assert [r.offset for r in state.sink.durable] == [0, 1, 2] and state.summary.labeled == 3
+    assert checkpoint.dlq.delivered == [], "sent after the seal"
+    assert [a.id for a in checkpoint.alert_sink.delivered] == ["before-the-seal"]
+    assert state.summary.dead_lettered == 0 and state.summary.alerts == 1
     checkpoint.commit()
     assert state.input.commits == [{T0: 3}], "records handled after the seal are not committed"
     assert checkpoint.has_pending()
     assert checkpoint.flush()  # the synchronous flush (rebalance, last flush) takes the rest
     checkpoint.commit()
-    assert state.input.commits[-1] == {T0: 5} and state.summary.labeled == 5
+    assert state.input.commits[-1] == {T0: 6} and state.summary.labeled == 5
+    assert checkpoint.dlq.delivered == [(5, "DecodeError:json")] and state.summary.dead_lettered == 1
+    assert [a.id for a in checkpoint.alert_sink.delivered] == ["before-the-seal", "after-the-seal"]
+    assert state.summary.alerts == 2
     checkpoint.close()
 
 
@@ -375,6 +401,8 @@ def test_a_failed_flush_beside_the_loop_is_retried_with_the_newer_records_first_
     assert checkpoint.start_flush()
     checkpoint._in_flight.exception(timeout=10)
     assert checkpoint.reap() is False and metrics.SINK_RETRIES._value.get() == retries + 1
+    assert checkpoint.failing and not checkpoint.retry_due(time.monotonic()), "retried after a backoff"
+    assert checkpoint.retry_due(time.monotonic() + 0.6)
     checkpoint.commit()
     assert state.input.commits == [] and state.summary.labeled == 0 and checkpoint.has_pending()
     _handle(state, checkpoint, T0, [2])
@@ -383,8 +411,22 @@ def test_a_failed_flush_beside_the_loop_is_retried_with_the_newer_records_first_
     checkpoint._in_flight.result(timeout=10)
     assert checkpoint.reap() is True
     assert [r.offset for r in state.sink.durable] == [0, 1, 2] and state.summary.labeled == 3
+    assert not checkpoint.failing and checkpoint.retry_due(time.monotonic())
     checkpoint.commit()
     assert state.input.commits == [{T0: 3}] and not checkpoint.has_pending()
+    checkpoint.close()
+
+
+def test_an_unexpected_error_of_a_flush_beside_the_loop_stops_the_job_even_from_a_callback():
+    state, checkpoint, _, _ = _parts(background=True)
+    state.sink.flush_sealed = lambda: 1 / 0  # a bug, not a storage outage
+    _handle(state, checkpoint, T0, [0])
+    checkpoint.start_flush()
+    with pytest.raises(ZeroDivisionError):
+        checkpoint.wait()  # e.g. inside a rebalance callback, whose errors the client swallows
+    assert isinstance(state.fatal, ZeroDivisionError), "kept for the loop to raise after poll"
+    checkpoint.commit()
+    assert state.input.commits == []
     checkpoint.close()
 
 
@@ -405,17 +447,74 @@ def test_discard_waits_for_the_flush_in_flight_and_keeps_what_it_made_durable():
     checkpoint.close()
 
 
-def test_the_watchdog_judges_a_flush_that_runs_too_long():
+def test_the_watchdog_stops_the_process_when_a_flush_beside_the_loop_runs_too_long(monkeypatch):
+    import types
+
+    from nlpstream.jobs import liveness as liveness_module
+
     state, checkpoint, _, _ = _parts(background=True)
     state.sink.gate = threading.Event()
     _handle(state, checkpoint, T0, [0])
+    live = Liveness(state)
+    live.config = types.SimpleNamespace(stall_timeout=0.3)  # the config's floor is 30 s; the watchdog's rule is not
+    live.watch_flush(checkpoint.flushing_since)
+    exits: list[int] = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(liveness_module.os, "_exit", fake_exit)
     assert checkpoint.flushing_since() is None
     checkpoint.start_flush()
-    started = checkpoint.flushing_since()
-    assert started is not None and started <= time.monotonic()
+    deadline = time.monotonic() + 5
+    with pytest.raises(Exited):
+        while time.monotonic() < deadline:  # the loop beats on: only the flush is stuck
+            live.heartbeat()
+            done = threading.Event()
+            threading.Timer(0.1, done.set).start()
+            live._done = done  # one watchdog round at a time, between beats
+            live._watchdog()
+    assert exits == [liveness_module.STALL_EXIT_CODE]
     state.sink.gate.set()
     checkpoint.wait()
     assert checkpoint.flushing_since() is None
+    checkpoint.close()
+
+
+def test_a_beating_loop_without_a_stuck_flush_is_not_stopped(monkeypatch):
+    import types
+
+    from nlpstream.jobs import liveness as liveness_module
+
+    state, checkpoint, _, _ = _parts(background=True)
+    live = Liveness(state)
+    live.config = types.SimpleNamespace(stall_timeout=0.3)
+    live.watch_flush(checkpoint.flushing_since)
+    monkeypatch.setattr(liveness_module.os, "_exit", lambda code: pytest.fail("exited"))
+    _handle(state, checkpoint, T0, [0])
+    checkpoint.start_flush()  # finishes at once
+    checkpoint._in_flight.result(timeout=10)
+    for _ in range(6):
+        live.heartbeat()
+        done = threading.Event()
+        threading.Timer(0.1, done.set).start()
+        live._done = done
+        live._watchdog()
+    checkpoint.close()
+
+
+def test_assignment_waits_for_the_flush_in_flight_before_it_lists_the_files():
+    state, checkpoint, _, _ = _parts(assigned=[T0], last=41, background=True)
+    state.sink.gate = threading.Event()
+    _handle(state, checkpoint, T0, [0])
+    checkpoint.start_flush()
+    threading.Timer(0.2, state.sink.gate.set).start()
+    _rebalance(state, checkpoint).on_assigned([T0])
+    assert not checkpoint.flushing and state.sink.durable and state.ledger.position(T0) == 42
     checkpoint.close()
 
 

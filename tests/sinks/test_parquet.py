@@ -76,6 +76,27 @@ def test_failing_filesystem_keeps_rows_for_retry(tmp_path, monkeypatch):
     assert sink.last_offset("a", 0) == 2
 
 
+def test_a_sealed_flush_writes_only_what_was_sealed_while_writes_go_on(tmp_path, monkeypatch):
+    """The stream job's flush beside the loop: seal, keep writing, flush the sealed rows; a failure keeps them
+    sealed and the next seal adds the newer rows behind them."""
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, i) for i in range(3)])
+    sink.seal()
+    sink.write([row("a", 0, 3), row("a", 0, 4)])  # written while the sealed rows are flushed
+    assert sink.buffered == 5, "sealed rows count until they are durable"
+    real = sink._write_local
+    monkeypatch.setattr(sink, "_write_local", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(SinkWriteError, match="No space"):
+        sink.flush_sealed()
+    assert sink.buffered == 5 and sink.last_offset("a", 0) is None
+    monkeypatch.setattr(sink, "_write_local", real)
+    sink.seal()  # the retry takes the failed flush's rows and the newer ones
+    sink.write([row("a", 0, 5)])
+    (f,) = sink.flush_sealed()
+    assert (f.key.first_offset, f.key.last_offset, f.rows) == (0, 4, 5) and sink.buffered == 1
+    assert sink.discard("a", 0) == 1 and sink.flush() == []
+
+
 def test_fsspec_memory_filesystem():
     import fsspec
 

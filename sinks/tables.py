@@ -162,6 +162,15 @@ class _Conflict(Exception):
     """A concurrent commit won; reload and try again."""
 
 
+def _exists(probe: Any, missing: type[BaseException]) -> bool:
+    """False when ``probe()`` raises ``missing``, True when it returns."""
+    try:
+        probe()
+    except missing:
+        return False
+    return True
+
+
 def _check_columns(url: str, found: pa.Schema, expected: pa.Schema, fmt: str) -> None:
     have = {f.name: f.type for f in found}
     want = {f.name: f.type for f in expected}
@@ -268,7 +277,8 @@ class IcebergSink(_TableSink):
             raise SinkError(f"cannot open the iceberg table {self.identifier}: {type(exc).__name__}: {exc}") from exc
 
     def _ensure_table(self) -> Any:
-        from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
+        from pyiceberg.exceptions import (NamespaceAlreadyExistsError, NoSuchNamespaceError, NoSuchTableError,
+                                          TableAlreadyExistsError)
 
         catalog = self._catalog_()
         if "." not in self.identifier:
@@ -277,10 +287,16 @@ class IcebergSink(_TableSink):
         try:
             table = catalog.load_table(self.identifier)
         except NoSuchTableError:
+            # workers that start together race to create both: a catalog may refuse the loser with its own
+            # error (a SQL catalog's unique constraint) instead of "already exists"; what it created is used
             try:
                 catalog.create_namespace(namespace)
             except NamespaceAlreadyExistsError:
                 pass
+            except Exception:
+                if not _exists(lambda: catalog.load_namespace_properties(namespace), NoSuchNamespaceError):
+                    raise
+                log.info("iceberg namespace %s was created by another worker meanwhile", namespace)
             schema = table_schema(self.include_text, self.heads)
             try:
                 table = catalog.create_table(self.identifier, schema=schema)
@@ -289,6 +305,10 @@ class IcebergSink(_TableSink):
                     spec.add_identity("date")
             except TableAlreadyExistsError:
                 pass
+            except Exception:
+                if not _exists(lambda: catalog.load_table(self.identifier), NoSuchTableError):
+                    raise
+                log.info("iceberg table %s was created by another worker meanwhile", self.identifier)
             table = catalog.load_table(self.identifier)
         expected = table_schema(self.include_text, self.heads)
         found = table.schema().as_arrow()

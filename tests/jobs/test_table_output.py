@@ -175,6 +175,44 @@ def test_zombie_racing_the_new_owner_commits_nothing_twice(tmp_path):
         assert owner.last_offset("t", 0) == 99 and table.rows() == 100
 
 
+def test_workers_starting_together_both_open_the_iceberg_table(tmp_path):
+    """Two workers that start together both find the namespace and table missing and create them; the SQL
+    catalog refuses the loser with a unique-constraint error (not "already exists"): it uses what the other
+    created. Replayed here by letting the loser's creates run after the winner's."""
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    from nlpstream.sinks import IcebergSink, SinkError
+
+    table = Table("iceberg", tmp_path)
+    winner, loser = IcebergSink(table.catalog, "nlp.labeled"), IcebergSink(table.catalog, "nlp.labeled")
+    catalog = loser._catalog_()
+    real_load, looks = catalog.load_table, []
+
+    def load_table(identifier):  # the loser's first look finds no table: the winner had not created it yet
+        looks.append(identifier)
+        if len(looks) == 1:
+            winner.check()
+            raise NoSuchTableError(identifier)
+        return real_load(identifier)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed")
+
+    def missing(error):
+        def probe(*args, **kwargs):
+            raise error("gone")
+        return probe
+
+    catalog.load_table, catalog.create_namespace, catalog.create_table = load_table, refused, refused
+    loser.check()  # no error: the namespace and table the winner made are used
+    catalog.load_table = real_load
+    assert loser.last_offset("t", 0) is None
+    catalog.load_namespace_properties = missing(NoSuchNamespaceError)
+    catalog.load_table = missing(NoSuchTableError)
+    with pytest.raises(SinkError, match="UNIQUE constraint"):  # refused and really missing: the catalog's error
+        loser.check()
+
+
 def test_table_mismatch_and_bad_catalog_are_one_error_line(tmp_path):
     import subprocess
     import sys

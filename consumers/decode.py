@@ -28,13 +28,16 @@ class DecodeSettings:
     ``text_field`` and ``id_field`` are keys of the object or dotted paths
     into nested objects (``body.text``); a key that itself contains dots wins.
     ``registry`` decodes the schema'd formats (``avro``, ``json-schema``,
-    ``protobuf``) and is required for them.
+    ``protobuf``) and is required for them. ``keep_fields`` names the
+    fields kept in :attr:`DecodedText.fields` (the stream job keeps only its
+    alert key fields); None keeps every top-level scalar field.
     """
 
     input_format: InputFormat = "json"
     text_field: str = "text"
     id_field: str = "id"
     registry: Any = None  # a schema_registry.RegistryDecoder for the schema'd formats
+    keep_fields: tuple[str, ...] | None = None  # DecodedText.fields: these only (None: every top-level scalar)
 
 
 def field_at(obj: Any, path: str) -> Any:
@@ -139,5 +142,13 @@ def _from_object(record: InputRecord, obj: dict[str, Any], settings: DecodeSetti
         msg_id = str(raw_id)
     else:
         msg_id = _fallback_id(record)
-    return DecodedText(record=record, id=msg_id, text=text, fields=_scalar_fields(obj, settings.text_field))
+    keep = settings.keep_fields
+    if keep is None:
+        fields = _scalar_fields(obj, settings.text_field)
+    elif keep:
+        fields = {k: v for k in keep if k != settings.text_field and k in obj
+                  and isinstance(v := obj[k], (str, int, float, bool))}
+    else:
+        fields = {}
+    return DecodedText(record=record, id=msg_id, text=text, fields=fields)
 

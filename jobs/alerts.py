@@ -86,6 +86,18 @@ class AlertRules:
     def _matches(self, msg: LabeledMessage) -> bool:
         return all(self._head(msg, name)[0] == label for name, label in self.config.where.items())
 
+    def needs_every_message(self) -> bool:
+        """False when only a message that :meth:`may_fire` can fire an alert (no window rule, no ``where``
+        filter, the watched head is the message's own): the job then hands :meth:`evaluate` only those."""
+        cfg = self.config
+        return (cfg.window_key_field is not None or bool(cfg.where)
+                or (bool(cfg.message_head) and cfg.message_head != self._first))
+
+    def may_fire(self, label: str, score: float) -> bool:
+        """True when a message of this (own) label and score fires the message rule."""
+        threshold = self.config.message_min_score
+        return threshold is not None and label == self.config.message_label and score >= threshold
+
     def evaluate(self, messages: list[LabeledMessage]) -> list[Alert]:
         """Alerts fired by ``messages`` (in order)."""
         alerts: list[Alert] = []

@@ -23,6 +23,7 @@ from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.checkpoint import Checkpoint
 from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
 from nlpstream.jobs.shared import TP, Batch, SharedState
+from nlpstream.jobs.wiring import alert_key_fields
 from nlpstream.sinks import OutputRow
 
 
@@ -43,7 +44,7 @@ class Batches:
         self._rules = rules
         self._checkpoint = checkpoint
         self._rows_floor = rows_floor
-        self._key_fields = [f.strip() for f in (self.config.alerts.window_key_field or "").split(",") if f.strip()]
+        self._key_fields = alert_key_fields(self.config)
         self._classifier: ThreadPoolExecutor | None = None
         if self.config.pipeline_depth > 0:
             self._classifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlpstream-classify")
@@ -162,20 +163,25 @@ class Batches:
             labeled: list[LabeledMessage] = []
             key_fields = self._key_fields
             model = self._engine.model_name
+            # below a partition's floor the files hold its row (its alerts are sent again); usually none has one
+            floors = {tp: floor for tp in batch.generations if (floor := self._rows_floor(tp)) is not None}
+            every = self._rules.needs_every_message()  # else only messages that may fire the message rule
+            may_fire = self._rules.may_fire
             for decoded, result in zip(good, results):
                 rec = decoded.record
                 if isinstance(result, BaseException):
                     self._checkpoint.dead_letter(rec, *inference_failure(result))
                     continue
                 row = output_row(decoded, result, processed_at, model)
-                event_ms = row.event_time_ms
-                floor = self._rows_floor((rec.topic, rec.partition))
-                if floor is None or rec.offset >= floor:  # below: the files hold its row; alerts are sent again
+                if not floors or rec.offset >= floors.get((rec.topic, rec.partition), -1):
                     rows.append(row)
+                if not every and not may_fire(result.label, result.score):
+                    continue
                 key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
                 heads = {name: (label, score) for name, label, score in row.heads} if row.heads else {}
                 labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
-                                              result.score, event_ms, None if key is None else str(key), heads))
+                                              result.score, row.event_time_ms, None if key is None else str(key),
+                                              heads))
             self._checkpoint.write_rows(rows)
             self._checkpoint.write_alerts(self._rules.evaluate(labeled))
         last: dict[TP, int] = {}

@@ -36,7 +36,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
+
+import numpy as np
 
 from nlpstream.consumers import InputRecord
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
@@ -72,7 +75,7 @@ class _Written:
     files: list[Any]
     labels: Counter[str]
     per_topic: Counter[str]
-    latencies: list[float]
+    latencies: Any  # seconds from each row's event time to now, an array
 
 
 class Checkpoint:
@@ -265,8 +268,9 @@ class Checkpoint:
         assert sealed is not None
         now_ms = time.time() * 1000
         rows = sealed.rows
-        return _Written(files, Counter(row.label for row in rows), Counter(row.topic for row in rows),
-                        [max(0.0, (now_ms - row.event_time_ms) / 1000) for row in rows])
+        event_ms = np.fromiter(map(attrgetter("event_time_ms"), rows), dtype=np.float64, count=len(rows))
+        return _Written(files, Counter(map(attrgetter("label"), rows)), Counter(map(attrgetter("topic"), rows)),
+                        np.maximum(0.0, (now_ms - event_ms) / 1000))
 
     def _failed(self, exc: BaseException) -> None:
         metrics.SINK_RETRIES.inc()

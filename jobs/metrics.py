@@ -103,7 +103,7 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     bounds = getattr(histogram, "_upper_bounds", None)
     buckets = getattr(histogram, "_buckets", None)
     total = getattr(histogram, "_sum", None)
-    if not values:
+    if len(values) == 0:
         return
     if bounds is None or buckets is None or total is None:
         for v in values:

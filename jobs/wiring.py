@@ -106,15 +106,22 @@ class Parts:
     txn: PartitionTransactions | None  # kafka.transactions
 
 
+def alert_key_fields(cfg: StreamConfig) -> tuple[str, ...]:
+    """The message fields whose first present value keys the window alert rule (``alerts.window_key_field``)."""
+    return tuple(f.strip() for f in (cfg.alerts.window_key_field or "").split(",") if f.strip())
+
+
 def wire(cfg: StreamConfig, engine: Engine | None) -> Parts:
     """Wait for Kafka, load the engine (unless given) and build the job's parts from the config."""
     registry = None
-    decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field)
+    keep = alert_key_fields(cfg)  # the only other fields the job reads of a message
+    decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field, keep_fields=keep)
     if cfg.input.input_format in REGISTRY_FORMATS:
         sr = cfg.input.schema_registry
         registry = RegistryDecoder(cfg.input.input_format, sr.url or "", sr.username, sr.secret(), sr.ca_file)
         metrics.SCHEMA_REGISTRY_OUTAGE.set(0)
-        decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field, registry=registry)
+        decode = DecodeSettings(cfg.input.input_format, cfg.input.text_field, cfg.input.id_field, registry=registry,
+                                keep_fields=keep)
     conn = connection_settings(cfg)
     quiet_topic_creation([cfg.dlq_topic(), cfg.alerts.alert_topic])
     wait_for_kafka(conn, cfg.kafka.startup_timeout, log)

@@ -47,6 +47,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
+from operator import attrgetter
 from typing import Any
 
 import logging
@@ -152,11 +153,11 @@ class ParquetSink(RowBuffer):
         """Write the sealed rows durably; returns the files written (possibly none)."""
         if not self._sealed:
             return []
-        rows = sorted(self._sealed, key=lambda r: (r.topic, r.partition, r.offset))
+        rows = sorted(self._sealed, key=attrgetter("topic", "partition", "offset"))
         chunks = [
             list(run)
-            for _, part_rows in groupby(rows, key=lambda r: (r.topic, r.partition))
-            for _, run in groupby(part_rows, key=lambda r: r.date)
+            for _, part_rows in groupby(rows, key=attrgetter("topic", "partition"))
+            for _, run in groupby(part_rows, key=attrgetter("date"))
         ]
         if self.skip_written:
             try:

@@ -120,3 +120,13 @@ def test_msgspec_path_matches_on_random_objects():
         record = InputRecord("orders", 2, i, None, value, 1_700_000_000_000)
         for settings in (JSON, DecodeSettings("json", "body.text", "a")):
             assert _outcome(decode_record, record, settings) == _outcome(_decode_stdlib, record, settings), value
+
+
+def test_keep_fields_keeps_only_the_named_scalar_fields():
+    value = b'{"id": "a", "text": "hello", "customer": "acme", "ticker": 7, "nested": {"x": 1}, "flag": true}'
+    every = decode_record(rec(value), DecodeSettings())
+    assert every.fields == {"id": "a", "customer": "acme", "ticker": 7, "flag": True}
+    keys = decode_record(rec(value), DecodeSettings(keep_fields=("ticker", "nested", "missing", "text")))
+    assert keys.fields == {"ticker": 7}, "named, present, scalar and not the text field"
+    assert decode_record(rec(value), DecodeSettings(keep_fields=())).fields == {}
+    assert (keys.id, keys.text) == (every.id, every.text)

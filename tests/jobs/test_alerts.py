@@ -79,3 +79,27 @@ def test_rules_can_watch_a_further_head_and_filter_on_heads():
         AlertRules(AlertConfig(where={"topic": "billing"})).check_heads([""])
     # one-head models keep their rule names (and so their alert ids)
     assert AlertRules(AlertConfig())._rule_label == "negative"
+
+
+def test_only_messages_that_may_fire_reach_the_rules_when_no_rule_needs_every_message():
+    """The stream job hands the rules only the messages ``may_fire`` lets through unless ``needs_every_message``;
+    for a message-rule-only config that must fire exactly the alerts every message would."""
+    import random
+
+    random.seed(7)
+    msgs = [msg(i, random.choice(["negative", "neutral", "positive"]), score=random.random()) for i in range(500)]
+    message_only = AlertRules(AlertConfig(message_min_score=0.9))
+    message_only.check_heads([""])
+    assert not message_only.needs_every_message()
+    kept = [m for m in msgs if message_only.may_fire(m.label, m.score)]
+    assert 0 < len(kept) < len(msgs)
+    assert message_only.evaluate(kept) == AlertRules(AlertConfig(message_min_score=0.9)).evaluate(msgs)
+    assert not AlertRules(AlertConfig(message_min_score=None)).may_fire("negative", 1.0)
+    for needs in (window_config(), AlertConfig(where={"topic": "billing"}),
+                  AlertConfig(message_head="topic", message_label="billing")):
+        rules = AlertRules(needs)
+        rules.check_heads(["sentiment", "topic"])
+        assert rules.needs_every_message(), needs
+    watched_first = AlertRules(AlertConfig(message_head="sentiment"))
+    watched_first.check_heads(["sentiment", "topic"])
+    assert not watched_first.needs_every_message()

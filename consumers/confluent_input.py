@@ -139,7 +139,7 @@ class ConfluentInput:
             "partition.assignment.strategy": "range,roundrobin",
             "max.poll.interval.ms": settings.max_poll_interval_ms,
             "session.timeout.ms": settings.session_timeout_ms,
-            "max.partition.fetch.bytes": settings.max_partition_fetch_bytes,
+            "max.partition.fetch.bytes": settings.max_partition_fetch_bytes or 8 << 20,
             "fetch.max.bytes": settings.fetch_max_bytes,
             "receive.message.max.bytes": settings.fetch_max_bytes + (1 << 20),
             "error_cb": self._on_error,

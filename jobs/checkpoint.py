@@ -205,6 +205,15 @@ class Checkpoint:
             return None
         return self._take()
 
+    def wait_if_behind(self, limit: int) -> bool:
+        """Wait for the flush in flight when ``limit`` rows or more are not durable (the writer thread is behind
+        the loop); True when it waited. Backpressure then pauses fetching only while flushes fail: a pause
+        drops the client's prefetched records (librdkafka's), fetched again after the resume. Caller holds the lock."""
+        if self._in_flight is None or self._state.sink.buffered < limit:
+            return False
+        self.wait()
+        return True
+
     def close(self) -> None:
         """Wait for a flush in flight (its outcome is dropped: nothing is committed after this) and stop
         the writer thread."""

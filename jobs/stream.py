@@ -156,6 +156,7 @@ class StreamJob:
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done
                         liveness.mark_progress(seen)
+                    checkpoint.wait_if_behind(2 * cfg.output.max_buffered_rows)  # rather than pause fetching
                     checkpoint.reap()  # a flush beside the loop that finished: its offsets are durable now
                     due = (now - last_flush >= cfg.output.flush_interval or checkpoint.failing
                            or state.sink.buffered >= cfg.output.max_buffered_rows)

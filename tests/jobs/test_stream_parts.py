@@ -447,6 +447,19 @@ def test_discard_waits_for_the_flush_in_flight_and_keeps_what_it_made_durable():
     checkpoint.close()
 
 
+def test_a_loop_ahead_of_the_writer_thread_waits_for_its_flush_instead_of_pausing():
+    state, checkpoint, _, _ = _parts(background=True)
+    state.sink.gate = threading.Event()
+    _handle(state, checkpoint, T0, list(range(4)))
+    assert not checkpoint.wait_if_behind(1), "nothing in flight: nothing to wait for"
+    checkpoint.start_flush()
+    _handle(state, checkpoint, T0, list(range(4, 8)))
+    assert not checkpoint.wait_if_behind(9) and checkpoint.flushing, "below the limit the loop goes on"
+    threading.Timer(0.2, state.sink.gate.set).start()
+    assert checkpoint.wait_if_behind(8) and not checkpoint.flushing and state.summary.labeled == 4
+    checkpoint.close()
+
+
 def test_the_watchdog_stops_the_process_when_a_flush_beside_the_loop_runs_too_long(monkeypatch):
     import types
 

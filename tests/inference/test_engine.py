@@ -227,3 +227,16 @@ def test_a_large_call_in_parts_equals_one_plan(engine):
     assert [p.label for p in got] == [p.label for p in want]
     for a, b in zip(got, want):  # other batch shapes: the same probabilities up to float rounding
         assert a.probs == pytest.approx(b.probs, abs=1e-5)
+
+
+def test_the_fast_batch_encode_gives_the_ids_of_the_full_encode(engine):
+    """The engine encodes with ``encode_batch_fast`` (no character offsets): on the builtin tokenizer it must
+    give the ids ``encode_batch`` gives, truncation and special tokens included."""
+    from nlpstream.inference.engine import batch_encoder
+
+    backend = engine._backend
+    assert backend is not None and batch_encoder(backend) == backend.encode_batch_fast
+    texts = ["Great service!", "  ", "naïve café 😀 مرحبا", "refund " * 400, "x" * 5000, "Second line\nthird"]
+    fast = [e.ids for e in engine._encodings(backend, texts)]
+    full = [e.ids for e in backend.encode_batch(engine._clip(texts), add_special_tokens=True)]
+    assert fast == full and max(map(len, fast)) == engine.max_length

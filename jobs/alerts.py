@@ -96,7 +96,8 @@ class AlertRules:
     def may_fire(self, label: str, score: float) -> bool:
         """True when a message of this (own) label and score fires the message rule."""
         threshold = self.config.message_min_score
-        return threshold is not None and label == self.config.message_label and score >= threshold
+        # not (score < threshold): exactly the message rule's test, NaN included
+        return threshold is not None and label == self.config.message_label and not score < threshold
 
     def evaluate(self, messages: list[LabeledMessage]) -> list[Alert]:
         """Alerts fired by ``messages`` (in order)."""

@@ -298,17 +298,19 @@ class IcebergSink(_TableSink):
                     raise
                 log.info("iceberg namespace %s was created by another worker meanwhile", namespace)
             schema = table_schema(self.include_text, self.heads)
+            created = None
             try:
-                table = catalog.create_table(self.identifier, schema=schema)
-                with table.update_spec() as spec:
-                    spec.add_identity("topic")
-                    spec.add_identity("date")
+                created = catalog.create_table(self.identifier, schema=schema)
             except TableAlreadyExistsError:
                 pass
             except Exception:
                 if not _exists(lambda: catalog.load_table(self.identifier), NoSuchTableError):
                     raise
                 log.info("iceberg table %s was created by another worker meanwhile", self.identifier)
+            if created is not None:  # its creator partitions it (not the loser of a race)
+                with created.update_spec() as spec:
+                    spec.add_identity("topic")
+                    spec.add_identity("date")
             table = catalog.load_table(self.identifier)
         expected = table_schema(self.include_text, self.heads)
         found = table.schema().as_arrow()

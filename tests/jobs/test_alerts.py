@@ -95,6 +95,8 @@ def test_only_messages_that_may_fire_reach_the_rules_when_no_rule_needs_every_me
     assert 0 < len(kept) < len(msgs)
     assert message_only.evaluate(kept) == AlertRules(AlertConfig(message_min_score=0.9)).evaluate(msgs)
     assert not AlertRules(AlertConfig(message_min_score=None)).may_fire("negative", 1.0)
+    nan = msg(999, "negative", score=float("nan"))  # the rule's own test lets it through: so must may_fire
+    assert message_only.may_fire(nan.label, nan.score) == bool(message_only.evaluate([nan]))
     for needs in (window_config(), AlertConfig(where={"topic": "billing"}),
                   AlertConfig(message_head="topic", message_label="billing")):
         rules = AlertRules(needs)

@@ -21,10 +21,12 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
                 "simulated_device_busy_share_flush_on_loop"):
         assert 0 < out[key] <= 1.05, key
     assert out["simulated_device_texts_per_s"] == pytest.approx(0.6 * out["job_instant_engine_msgs_per_s"], rel=0.01)
+    # ratios are rounded to 3 decimals: a small one (a tiny topic's rates swing widely) is off by up to 5e-4
+    rounded = {"rel": 0.01, "abs": 5e-4}
     assert 0 < out["job_instant_vs_bare_consumer"] == pytest.approx(
-        out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], rel=0.01)
+        out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], **rounded)
     assert 0 < out["job_instant_confluent_vs_kafka_python_client"] == pytest.approx(
-        out["job_instant_engine_confluent_client_msgs_per_s"] / out["job_instant_engine_msgs_per_s"], rel=0.01)
+        out["job_instant_engine_confluent_client_msgs_per_s"] / out["job_instant_engine_msgs_per_s"], **rounded)
     for fmt in ("avro", "json_schema", "protobuf"):
         assert out[f"decode_{fmt}_vs_json"] == pytest.approx(
-            out[f"decode_{fmt}_records_per_s"] / out["decode_json_records_per_s"], rel=0.01)
+            out[f"decode_{fmt}_records_per_s"] / out["decode_json_records_per_s"], **rounded)

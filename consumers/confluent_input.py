@@ -265,8 +265,16 @@ class ConfluentInput:
         """Fetch available records (waits at most ``timeout_s``), in offset order per partition."""
         if self._fatal is not None:
             raise ConsumerError(f"the consumer failed and cannot go on: {self._fatal}")
+        limit = max_records or self._max_records
         try:
-            messages = self._consumer.consume(num_messages=max_records or self._max_records, timeout=timeout_s)
+            # consume() waits for a whole batch or the timeout: what is queued now, else the first message to
+            # arrive and what came with it (a message waits for no batch to fill, as with kafka-python)
+            messages = self._consumer.consume(num_messages=limit, timeout=0)
+            if not messages:
+                first = self._consumer.poll(timeout_s)
+                if first is not None:
+                    messages = [first, *self._consumer.consume(num_messages=limit - 1, timeout=0)] if limit > 1 \
+                        else [first]
         except self._kafka_exception as exc:  # broker or group trouble: keep the loop alive, retry next poll
             error = exc.args[0] if exc.args else None
             if self._is_fatal(error):

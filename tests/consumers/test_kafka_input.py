@@ -55,6 +55,29 @@ def test_positions_and_end_offsets(kafka_bootstrap, make_topic, unique, client):
 
 
 @pytest.mark.parametrize("client", CLIENTS)
+def test_a_poll_hands_out_what_is_there_without_waiting_for_a_full_batch(kafka_bootstrap, make_topic, unique, client):
+    """Three records, batches of 512 and a 30 s poll timeout: the poll returns them as soon as they are
+    fetched (confluent's ``consume`` alone waits for a full batch or the timeout)."""
+    topic = make_topic(unique, partitions=1)
+    source = CLIENTS[client](ConnectionSettings(kafka_bootstrap), ConsumerSettings((topic,), f"{unique}-g"),
+                             lambda _: None, lambda _: None, lambda _: None)
+    try:
+        deadline = time.monotonic() + 60
+        while not source.assignment() and time.monotonic() < deadline:  # joined and assigned (the topic is empty)
+            assert source.poll(timeout_s=0.5) == []
+        assert source.assignment() == [(topic, 0)]
+        produce(kafka_bootstrap, topic, json_messages(3, prefix=unique), partition=0)
+        got: list = []
+        started = time.monotonic()
+        while len(got) < 3 and time.monotonic() - started < 60:
+            got += source.poll(timeout_s=30.0, max_records=512)
+        assert [r.offset for r in got] == [0, 1, 2]
+        assert time.monotonic() - started < 29, "the poll waited out its timeout for a batch to fill"
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
 def test_seek_and_pause_in_the_assignment_callback_then_commit_and_close(kafka_bootstrap, make_topic, unique, client):
     """The job's assignment callback seeks where its files end (and pauses during a registry outage)."""
     topic = make_topic(unique, partitions=2)

@@ -21,8 +21,8 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
                 "simulated_device_busy_share_flush_on_loop"):
         assert 0 < out[key] <= 1.05, key
     assert out["simulated_device_texts_per_s"] == pytest.approx(0.6 * out["job_instant_engine_msgs_per_s"], rel=0.01)
-    # ratios are rounded to 3 decimals: a small one (a tiny topic's rates swing widely) is off by up to 5e-4
-    rounded = {"rel": 0.01, "abs": 5e-4}
+    # ratios are rounded to 3 decimals: a small one (a tiny topic's rates swing widely) is off by up to 5e-4, and the rates are rounded too
+    rounded = {"rel": 0.01, "abs": 1e-3}
     assert 0 < out["job_instant_vs_bare_consumer"] == pytest.approx(
         out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], **rounded)
     assert 0 < out["job_instant_confluent_vs_kafka_python_client"] == pytest.approx(

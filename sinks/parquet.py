@@ -46,12 +46,11 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import groupby
-from operator import attrgetter
 from typing import Any
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -60,7 +59,8 @@ from nlpstream.sinks import metrics
 from nlpstream.sinks.durable import write_durably
 from nlpstream.sinks.errors import SinkWriteError
 from nlpstream.sinks.naming import FileKey, parse_name, partition_glob, temp_glob
-from nlpstream.sinks.schema import OutputRow, to_table
+from nlpstream.sinks.chunks import Run, file_table, rows_chunk, runs, sorted_rows, without
+from nlpstream.sinks.schema import OutputRow
 from nlpstream.sinks.storage import is_object_store, open_fs, scrub, secret_values
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,10 @@ class WrittenFile:
 class RowBuffer:
     """The buffering every row sink shares: ``write`` only buffers, ``discard`` drops a revoked partition's rows.
 
+    Rows are buffered as Arrow chunks (:mod:`nlpstream.sinks.chunks`):
+    ``write(rows)`` turns :class:`OutputRow` objects into one, and
+    :meth:`write_chunk` takes one a caller built from columns.
+
     A flush can run beside the loop that writes: :meth:`seal` sets aside the
     rows written so far, :meth:`flush_sealed` (on any one thread) makes those
     durable while ``write`` goes on buffering new ones, and ``flush()`` is
@@ -86,25 +90,35 @@ class RowBuffer:
     """
 
     def __init__(self) -> None:
-        self._buffer: list[OutputRow] = []
-        self._sealed: list[OutputRow] = []  # set aside for the flush under way (or the one that failed)
+        self._buffer: list[pa.Table] = []
+        self._sealed: list[pa.Table] = []  # set aside for the flush under way (or the one that failed)
+        self._buffered_rows = 0
+        self._sealed_rows = 0
 
     # -- sink protocol ----------------------------------------------------
     def write(self, rows: Sequence[OutputRow]) -> None:
         """Buffer rows; nothing is durable until :meth:`flush` returns."""
-        self._buffer.extend(rows)
+        if rows:
+            self.write_chunk(rows_chunk(rows))
+
+    def write_chunk(self, chunk: pa.Table) -> None:
+        """Buffer a chunk of rows (:func:`nlpstream.sinks.chunks.columns_chunk`)."""
+        if chunk.num_rows:
+            self._buffer.append(chunk)
+            self._buffered_rows += chunk.num_rows
 
     @property
     def buffered(self) -> int:
         """Rows not durable yet: written since the last seal, and sealed."""
-        return len(self._buffer) + len(self._sealed)
+        return self._buffered_rows + self._sealed_rows
 
     def seal(self) -> None:
         """Set aside every row written so far for :meth:`flush_sealed`; later writes wait for the next seal.
         Not while a flush of sealed rows runs."""
         if self._buffer:
             self._sealed.extend(self._buffer)
-            self._buffer = []
+            self._sealed_rows += self._buffered_rows
+            self._buffer, self._buffered_rows = [], 0
 
     def flush(self) -> list[WrittenFile]:
         """Write every buffered row durably; returns the files written (possibly none)."""
@@ -115,12 +129,26 @@ class RowBuffer:
         """Make the sealed rows durable; on error they stay sealed (the same flush can be retried)."""
         raise NotImplementedError
 
+    def _take_sealed(self) -> pa.Table | None:
+        """The sealed rows as one table in (topic, partition, offset) order (kept sealed as that one chunk)."""
+        if not self._sealed:
+            return None
+        table = sorted_rows(self._sealed)
+        self._sealed = [table]
+        return table
+
+    def _keep_sealed(self, tables: Sequence[pa.Table]) -> None:
+        """What of the sealed rows is not durable yet (after a partial failure)."""
+        self._sealed = [t for t in tables if t.num_rows]
+        self._sealed_rows = sum(t.num_rows for t in self._sealed)
+
     def discard(self, topic: str, partition: int) -> int:
         """Drop buffered and sealed rows of a partition (lost in a rebalance); returns how many.
         Not while a flush of sealed rows runs."""
         before = self.buffered
-        self._buffer = [r for r in self._buffer if not (r.topic == topic and r.partition == partition)]
-        self._sealed = [r for r in self._sealed if not (r.topic == topic and r.partition == partition)]
+        self._buffer = without(self._buffer, topic, partition)
+        self._buffered_rows = sum(t.num_rows for t in self._buffer)
+        self._keep_sealed(without(self._sealed, topic, partition))
         return before - self.buffered
 
 
@@ -151,14 +179,10 @@ class ParquetSink(RowBuffer):
 
     def flush_sealed(self) -> list[WrittenFile]:
         """Write the sealed rows durably; returns the files written (possibly none)."""
-        if not self._sealed:
+        table = self._take_sealed()
+        if table is None:
             return []
-        rows = sorted(self._sealed, key=attrgetter("topic", "partition", "offset"))
-        chunks = [
-            list(run)
-            for _, part_rows in groupby(rows, key=attrgetter("topic", "partition"))
-            for _, run in groupby(part_rows, key=attrgetter("date"))
-        ]
+        chunks = runs(table)
         if self.skip_written:
             try:
                 chunks = [piece for chunk in chunks for piece in self._unwritten(chunk)]
@@ -171,34 +195,37 @@ class ParquetSink(RowBuffer):
                 written.append(self._write_file(chunk))
             except SinkWriteError:
                 # keep only what is not durable yet, so a retry writes nothing twice
-                self._sealed = [r for c in chunks[i:] for r in c]
+                self._keep_sealed([c.table for c in chunks[i:]])
                 raise
-        self._sealed = []
+        self._keep_sealed([])
         return written
 
-    def _unwritten(self, chunk: list[OutputRow]) -> list[list[OutputRow]]:
+    def _unwritten(self, chunk: Run) -> list[Run]:
         """The rows of one (partition, date) run that no finished file holds, split around those files."""
-        first = chunk[0]
-        held = [(k.first_offset, k.last_offset) for k in self._keys(first.topic, first.partition, first.date)
-                if k.last_offset >= first.offset and k.first_offset <= chunk[-1].offset]
+        first, last = chunk.first_offset, chunk.last_offset
+        held = [(k.first_offset, k.last_offset) for k in self._keys(chunk.topic, chunk.partition, chunk.date)
+                if k.last_offset >= first and k.first_offset <= last]
         if not held:
             return [chunk]
-        pieces: list[list[OutputRow]] = []
-        previous: int | None = None
-        for row in chunk:
-            if any(lo <= row.offset <= hi for lo, hi in held):
-                continue
-            if pieces and previous is not None and any(previous < lo and hi < row.offset for lo, hi in held):
-                pieces.append([])  # a finished file sits between the two rows: start a new file
-            if not pieces:
-                pieces.append([])
-            pieces[-1].append(row)
-            previous = row.offset
-        dropped = len(chunk) - sum(len(p) for p in pieces)
+        offsets = chunk.offsets
+        in_files = np.zeros(len(offsets), dtype=bool)
+        for lo, hi in held:
+            in_files |= (offsets >= lo) & (offsets <= hi)
+        keep = np.flatnonzero(~in_files)
+        kept = offsets[keep]
+        starts = np.zeros(len(keep), dtype=bool)
+        if len(keep):
+            starts[0] = True
+        for lo, hi in held:  # a finished file sits between two kept rows: start a new file
+            starts[1:] |= (kept[:-1] < lo) & (hi < kept[1:])
+        bounds = [*np.flatnonzero(starts).tolist(), len(keep)]
+        pieces = [Run(chunk.topic, chunk.partition, chunk.date, chunk.table.take(pa.array(keep[a:b])))
+                  for a, b in zip(bounds[:-1], bounds[1:])]
+        dropped = len(offsets) - len(keep)
         metrics.ROWS_ALREADY_WRITTEN.inc(dropped)
         log.warning("%d rows of %s-%d (offsets %d..%d) are already in files another worker wrote; not writing them "
-                    "again", dropped, first.topic, first.partition, first.offset, chunk[-1].offset)
-        return [p for p in pieces if p]
+                    "again", dropped, chunk.topic, chunk.partition, first, last)
+        return pieces
 
     def close(self) -> None:
         """Flush what is buffered."""
@@ -250,13 +277,13 @@ class ParquetSink(RowBuffer):
     def _abs(self, rel: str) -> str:
         return f"{self.root}/{rel}" if self.root else rel
 
-    def _write_file(self, rows: list[OutputRow]) -> WrittenFile:
-        first = rows[0]
-        key = FileKey(first.topic, first.date, first.partition, first.offset, rows[-1].offset)
+    def _write_file(self, run: Run) -> WrittenFile:
+        key = FileKey(run.topic, run.date, run.partition, run.first_offset, run.last_offset)
+        rows = run.table
         folder = self._abs(key.folder)
         final = f"{folder}/{key.name}"
         temp = f"{folder}/{key.temp_name}"
-        table = to_table(rows, self.include_text)
+        table = file_table(rows, self.include_text)
         data = None if self._local else self._encode(table)  # outside the try: not a storage error
         try:
             with metrics.FLUSH_SECONDS.time():
@@ -275,9 +302,9 @@ class ParquetSink(RowBuffer):
             if not self._object_store:
                 self._cleanup(temp)
             raise SinkWriteError(self._message(f"cannot write {final}", exc)) from exc
-        metrics.ROWS_WRITTEN.inc(len(rows))
+        metrics.ROWS_WRITTEN.inc(rows.num_rows)
         metrics.FILES_WRITTEN.inc()
-        return WrittenFile(key=key, path=final, rows=len(rows))
+        return WrittenFile(key=key, path=final, rows=rows.num_rows)
 
     def _encode(self, table: Any) -> bytes:
         """The whole Parquet file in memory: a failure while encoding never reaches the storage."""

@@ -30,16 +30,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from itertools import groupby
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nlpstream.sinks import metrics
 from nlpstream.sinks.errors import SinkError, SinkWriteError
 from nlpstream.sinks.naming import FileKey
 from nlpstream.sinks.parquet import RowBuffer, WrittenFile
-from nlpstream.sinks.schema import OutputRow, arrow_schema, to_table
+from nlpstream.sinks.chunks import dates, file_table, runs
+from nlpstream.sinks.schema import arrow_schema
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,20 @@ def table_schema(include_text: bool = True, heads: Sequence[str] = ()) -> pa.Sch
     return schema.append(pa.field("topic", pa.string(), nullable=False)).append(pa.field("date", pa.string(), nullable=False))
 
 
-def rows_table(rows: Sequence[OutputRow], include_text: bool) -> pa.Table:
-    """Rows -> Arrow table with :func:`table_schema` (partition columns included)."""
-    table = to_table(rows, include_text)
-    names = [h[0] for h in rows[0].heads] if rows else []
-    table = table.append_column(pa.field("topic", pa.string(), nullable=False), pa.array([r.topic for r in rows], pa.string()))
-    table = table.append_column(pa.field("date", pa.string(), nullable=False), pa.array([r.date for r in rows], pa.string()))
-    return table.cast(table_schema(include_text, names))
+def rows_table(rows: pa.Table, include_text: bool) -> pa.Table:
+    """Sorted chunk rows (:mod:`nlpstream.sinks.chunks`) -> Arrow table with :func:`table_schema`."""
+    table = file_table(rows, include_text)
+    table = table.append_column(pa.field("topic", pa.string(), nullable=False), rows["topic"])
+    return table.append_column(pa.field("date", pa.string(), nullable=False), dates(rows))
 
 
-def _ranges(rows: list[OutputRow]) -> list[WrittenFile]:
+def _ranges(rows: pa.Table) -> list[WrittenFile]:
     """What one commit holds, per (topic, partition, date): reported like files (summary, logs)."""
     out = []
-    for (topic, partition, date), run in groupby(rows, key=lambda r: (r.topic, r.partition, r.date)):
-        chunk = list(run)
-        key = FileKey(topic, date, partition, chunk[0].offset, chunk[-1].offset)
-        out.append(WrittenFile(key=key, path=f"{key.folder}[{key.first_offset}..{key.last_offset}]", rows=len(chunk)))
+    for run in runs(rows):
+        key = FileKey(run.topic, run.date, run.partition, run.first_offset, run.last_offset)
+        out.append(WrittenFile(key=key, path=f"{key.folder}[{key.first_offset}..{key.last_offset}]",
+                               rows=run.table.num_rows))
     return out
 
 
@@ -93,24 +92,23 @@ class _TableSink(RowBuffer):
 
     def flush_sealed(self) -> list[WrittenFile]:
         """One commit with every sealed row not yet in the table, and the progress of their partitions."""
-        if not self._sealed:
+        rows = self._take_sealed()
+        if rows is None:
             return []
-        rows = sorted(self._sealed, key=lambda r: (r.topic, r.partition, r.offset))
         last_error: Exception | None = None
         for attempt in range(_COMMIT_TRIES):
             try:
                 state = self._load()
-                fresh = [r for r in rows if r.offset > self._committed(state, r.topic, r.partition)]
-                if len(fresh) < len(rows):
-                    dropped = len(rows) - len(fresh)
+                fresh = self._fresh(state, rows)
+                if fresh.num_rows < rows.num_rows:
+                    dropped = rows.num_rows - fresh.num_rows
                     metrics.ROWS_ALREADY_WRITTEN.inc(dropped)
                     log.warning("%d buffered rows are already in the %s table (another worker or an earlier run "
                                 "committed them); not writing them again", dropped, self.format)
-                if not fresh:
-                    self._sealed = []
+                if not fresh.num_rows:
+                    self._keep_sealed([])
                     return []
-                progress = {(t, p): max(r.offset for r in run) for (t, p), run in
-                            groupby(fresh, key=lambda r: (r.topic, r.partition))}
+                progress = {(run.topic, run.partition): run.last_offset for run in runs(fresh, by_day=False)}
                 with metrics.FLUSH_SECONDS.time():
                     self._commit(state, rows_table(fresh, self.include_text), progress)
             except _Conflict as exc:  # someone committed in between: reload and filter again
@@ -126,13 +124,21 @@ class _TableSink(RowBuffer):
                 metrics.WRITE_ERRORS.inc()
                 raise SinkWriteError(f"cannot commit to the {self.format} table {self.url}: "
                                      f"{type(exc).__name__}: {exc}") from exc
-            metrics.ROWS_WRITTEN.inc(len(fresh))
+            metrics.ROWS_WRITTEN.inc(fresh.num_rows)
             metrics.FILES_WRITTEN.inc()
-            self._sealed = []
+            self._keep_sealed([])
             return _ranges(fresh)
         metrics.WRITE_ERRORS.inc()
         raise SinkWriteError(f"the {self.format} table {self.url} kept refusing the commit "
                              f"({_COMMIT_TRIES} conflicts in a row): {last_error}")
+
+    def _fresh(self, state: Any, rows: pa.Table) -> pa.Table:
+        """The sorted rows above their partition's committed offset."""
+        pieces = []
+        for run in runs(rows, by_day=False):
+            committed = self._committed(state, run.topic, run.partition)
+            pieces.append(run.table.filter(pc.greater(run.table["offset"], committed)))
+        return pa.concat_tables(pieces) if pieces else rows.slice(0, 0)
 
     def last_offset(self, topic: str, partition: int) -> int | None:
         """The partition's last offset committed to the table, or None."""

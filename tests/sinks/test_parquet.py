@@ -141,3 +141,50 @@ def test_skip_written_never_writes_offsets_another_worker_holds(tmp_path, url):
     plain = ParquetSink(root)
     plain.write([row("a", 0, i) for i in range(0, 40)])
     assert [(f.key.first_offset, f.key.last_offset) for f in plain.flush()] == [(0, 39)]
+
+
+def test_chunks_and_rows_of_interleaved_topics_partitions_and_days_land_sorted_in_their_files(tmp_path):
+    """Arrow chunks built from columns and rows given as objects are buffered together; the flush sorts them
+    by (topic, partition, offset) and writes one file per run of one day, each holding exactly its name's
+    offsets in order; a discarded partition's rows are gone from both kinds."""
+    from nlpstream.sinks.chunks import columns_chunk
+
+    sink = ParquetSink(str(tmp_path))
+    offsets = [5, 3, 4, 0, 1, 2]  # two batches' worth, out of order across partitions and topics
+    topics = ["b", "a", "a", "a", "b", "a"]
+    partitions = [0, 1, 1, 0, 0, 0]
+    times = [DAY1, DAY1, DAY2, DAY1, DAY1, DAY1]
+    sink.write_chunk(columns_chunk(topics, partitions, offsets, [f"i{o}" for o in offsets], [f"t{o}" for o in offsets],
+                                   ["pos"] * 6, [0.5] * 6, times, DAY2, "m"))
+    sink.write([row("a", 1, 9, DAY2), row("a", 0, 7), row("c", 2, 1)])
+    sink.write_chunk(columns_chunk(["a"], [0], [8], ["i8"], ["t8"], ["neg"], [0.25], [DAY1], DAY2, "m"))
+    assert sink.buffered == 10
+    assert sink.discard("c", 2) == 1 and sink.buffered == 9
+    files = sink.flush()
+    got = {(f.key.topic, f.key.partition, f.key.date, f.key.first_offset, f.key.last_offset): f for f in files}
+    assert sorted(got) == [("a", 0, "2026-11-18", 0, 8), ("a", 1, "2026-11-18", 3, 3),
+                           ("a", 1, "2026-11-19", 4, 9), ("b", 0, "2026-11-18", 1, 5)]
+    for (topic, partition, _, first, last), f in got.items():
+        table = pq.read_table(f.path)
+        offs = table.column("offset").to_pylist()
+        assert offs == sorted(offs) and offs[0] == first and offs[-1] == last
+        assert set(table.column("partition").to_pylist()) == {partition}
+    a0 = pq.read_table(got[("a", 0, "2026-11-18", 0, 8)].path)
+    assert a0.column("offset").to_pylist() == [0, 2, 7, 8]
+    assert a0.column("id").to_pylist() == ["i0", "i2", "id-0-7", "i8"]
+    assert a0.column("score").to_pylist() == [0.5, 0.5, 0.8999999761581421, 0.25]
+    assert a0.schema.field("event_time").type == pq.read_table(got[("b", 0, "2026-11-18", 1, 5)].path).schema.field(
+        "event_time").type
+    assert sink.buffered == 0 and sink.flush() == []
+
+
+def test_skip_written_splits_a_chunk_around_a_file_another_worker_wrote(tmp_path):
+    other = ParquetSink(str(tmp_path))
+    other.write([row("a", 0, o) for o in (3, 4)])
+    other.flush()
+    sink = ParquetSink(str(tmp_path), skip_written=True)
+    sink.write([row("a", 0, o) for o in range(8)])
+    files = sink.flush()
+    assert [(f.key.first_offset, f.key.last_offset, f.rows) for f in files] == [(0, 2, 3), (5, 7, 3)]
+    table = ds.dataset(str(tmp_path), partitioning="hive").to_table()
+    assert sorted(table.column("offset").to_pylist()) == list(range(8))

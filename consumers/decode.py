@@ -6,6 +6,7 @@ characters) is accepted; only values that carry no usable text are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from nlpstream.consumers.records import DecodedText, InputRecord
 
 InputFormat = Literal["text", "json", "avro", "json-schema", "protobuf"]
 _MISSING = object()
+MISSING = _MISSING  # a field the object does not have
 _FAST_JSON = msgspec.json.Decoder()  # see decode_record
 _FAST_JSON_FAILS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
@@ -98,6 +100,40 @@ def decode_record(record: InputRecord, settings: DecodeSettings) -> DecodedText:
         if type(obj) is dict:
             return _from_object(record, obj, settings, "JSON object")
     return _decode_stdlib(record, settings)
+
+
+@functools.lru_cache(maxsize=16)
+def _fields_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder:
+    """Decodes a JSON object into a struct of ``names`` only (attributes ``f0``, ``f1``...; absent: ``MISSING``)."""
+    struct = msgspec.defstruct("Fields", [(f"f{i}", object, _MISSING) for i in range(len(names))],
+                               rename={f"f{i}": name for i, name in enumerate(names)})
+    return msgspec.json.Decoder(struct)
+
+
+def fast_json_fields(values: list[bytes | None], names: tuple[str, ...]) -> list[Any] | None:
+    """Top-level fields ``names`` of every value (attributes ``f0``, ``f1``... in that order of one struct per
+    value, ``MISSING`` where absent), when every value is a JSON
+    object that :func:`decode_record` decodes without error; else None (decode each record instead).
+
+    One msgspec struct decode per value, without building the objects' other
+    fields. msgspec skips the other fields without checking their strings'
+    UTF-8, so the values are checked in one go here (ASCII, else a strict
+    decode: a value that fails makes this return None, and the record's own
+    decode names the error). Values are whole JSON objects once decoded, so
+    they start and end with ASCII and joining them cannot hide a bad byte.
+    """
+    decode = _fields_decoder(names).decode
+    try:
+        objs = [decode(v) for v in values]  # type: ignore[arg-type]
+    except (*_FAST_JSON_FAILS, TypeError):
+        return None
+    joined = b"".join(values)  # type: ignore[arg-type]
+    if not joined.isascii():
+        try:
+            joined.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return objs
 
 
 def _decode_stdlib(record: InputRecord, settings: DecodeSettings) -> DecodedText:

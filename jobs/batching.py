@@ -21,10 +21,10 @@ from nlpstream.inference import DeviceError, Prediction
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.checkpoint import Checkpoint
-from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
+from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure, inference_failure
 from nlpstream.jobs.shared import TP, Batch, SharedState
 from nlpstream.jobs.wiring import alert_key_fields
-from nlpstream.sinks import OutputRow
+from nlpstream.sinks.chunks import columns_chunk
 
 
 class Batches:
@@ -99,8 +99,8 @@ class Batches:
         handled strictly in order, so offsets become handled in order too.
         Caller holds the lock.
         """
-        good, undecodable = decode_batch(records, self._decode)
-        texts = [d.text for d in good]
+        good, undecodable = decode_columns(records, self._decode)
+        texts = good.texts
         if good and self._classifier is not None:
             results = self._classifier.submit(self._classify_batch, texts)
         else:
@@ -150,45 +150,71 @@ class Batches:
         results = batch.results.result()
         stale = {tp for tp in batch.generations if state.stale(batch, tp)}
         if stale:  # a partition rewound while this batch was in flight: handled again after the rewind, not now
-            keep = [i for i, d in enumerate(good) if (d.record.topic, d.record.partition) not in stale]
-            good, results = [good[i] for i in keep], [results[i] for i in keep]
+            keep = [i for i, r in enumerate(good.records) if (r.topic, r.partition) not in stale]
+            good, results = good.select(keep), [results[i] for i in keep]
             undecodable = [(r, e) for r, e in undecodable if (r.topic, r.partition) not in stale]
             records = [r for r in records if (r.topic, r.partition) not in stale]
         for record, exc in undecodable:
             self._checkpoint.dead_letter(record, *decode_failure(exc))
-        if good:
-            assert self._engine is not None
-            processed_at = int(time.time() * 1000)
-            rows: list[OutputRow] = []
-            labeled: list[LabeledMessage] = []
-            key_fields = self._key_fields
-            model = self._engine.model_name
-            # below a partition's floor the files hold its row (its alerts are sent again); usually none has one
-            floors = {tp: floor for tp in batch.generations if (floor := self._rows_floor(tp)) is not None}
-            every = self._rules.needs_every_message()  # else only messages that may fire the message rule
-            may_fire = self._rules.may_fire
-            for decoded, result in zip(good, results):
-                rec = decoded.record
-                if isinstance(result, BaseException):
-                    self._checkpoint.dead_letter(rec, *inference_failure(result))
-                    continue
-                row = output_row(decoded, result, processed_at, model)
-                if not floors or rec.offset >= floors.get((rec.topic, rec.partition), -1):
-                    rows.append(row)
-                if not every and not may_fire(result.label, result.score):
-                    continue
-                key = next((decoded.fields[f] for f in key_fields if f in decoded.fields), None) if key_fields else None
-                heads = {name: (label, score) for name, label, score in row.heads} if row.heads else {}
-                labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, decoded.id, result.label,
-                                              result.score, row.event_time_ms, None if key is None else str(key),
-                                              heads))
-            self._checkpoint.write_rows(rows)
-            self._checkpoint.write_alerts(self._rules.evaluate(labeled))
+        if len(good):
+            self._write_labeled(batch, good, results)
         last: dict[TP, int] = {}
         for record in records:  # ascending per partition: the last one is the highest
             last[(record.topic, record.partition)] = record.offset
         for tp, offset in last.items():
             state.ledger.handled(tp, offset)
+
+    def _write_labeled(self, batch: Batch, good: DecodedBatch, results: list[Prediction | BaseException]) -> None:
+        """Dead-letter the texts that failed alone; buffer the rows of the others (one Arrow chunk, no object per
+        row) and the alerts of those that may fire."""
+        assert self._engine is not None
+        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+        if failed:
+            for i in failed:
+                self._checkpoint.dead_letter(good.records[i], *inference_failure(results[i]))  # type: ignore[arg-type]
+            failed_set = set(failed)
+            keep = [i for i in range(len(results)) if i not in failed_set]
+            good, results = good.select(keep), [results[i] for i in keep]
+            if not len(good):
+                return
+        processed_at = int(time.time() * 1000)
+        records = good.records
+        labeled: list[LabeledMessage] = []
+        labels = [r.label for r in results]  # type: ignore[union-attr]
+        scores = [r.score for r in results]  # type: ignore[union-attr]
+        event_times = [r.timestamp_ms or processed_at for r in records]
+        names = list(getattr(results[0], "heads", None) or ())
+        heads: dict[str, tuple[list[str], list[float]]] = {}
+        if names:
+            for name in names:
+                each = [r.heads[name] for r in results]  # type: ignore[union-attr]
+                heads[name] = ([h.label for h in each], [h.score for h in each])
+        every = self._rules.needs_every_message()  # else only messages that may fire the message rule
+        may_fire = self._rules.may_fire
+        alerting = range(len(results)) if every else [i for i, (label, score) in enumerate(zip(labels, scores))
+                                                       if may_fire(label, score)]
+        key_fields = self._key_fields
+        for i in alerting:
+            rec = records[i]
+            key = None
+            if key_fields:
+                fields = good.fields_of(i)
+                key = next((fields[f] for f in key_fields if f in fields), None)
+            labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, good.ids[i], labels[i], scores[i],
+                                          event_times[i], None if key is None else str(key),
+                                          {name: (heads[name][0][i], heads[name][1][i]) for name in names}))
+        # below a partition's floor the files hold its row (its alerts are sent again); usually none has one
+        floors = {tp: floor for tp in batch.generations if (floor := self._rows_floor(tp)) is not None}
+        rows_at: list[int] | None = None
+        if floors:
+            rows_at = [i for i, r in enumerate(records) if r.offset >= floors.get((r.topic, r.partition), -1)]
+        chunk = columns_chunk([r.topic for r in records], [r.partition for r in records],
+                              [r.offset for r in records], good.ids, good.texts, labels, scores, event_times,
+                              processed_at, self._engine.model_name, heads)
+        if rows_at is not None and len(rows_at) < len(records):
+            chunk = chunk.take(rows_at)
+        self._checkpoint.write_chunk(chunk)
+        self._checkpoint.write_alerts(self._rules.evaluate(labeled))
 
     def _classify_batch(self, texts: list[str]) -> list[Prediction | BaseException]:
         metrics.BATCH_TEXTS.observe(len(texts))

@@ -36,10 +36,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from nlpstream.consumers import InputRecord
 from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
@@ -47,6 +48,7 @@ from nlpstream.jobs import metrics
 from nlpstream.jobs.shared import LOGGER_NAME, MAX_BACKOFF_S, TP, SharedState
 from nlpstream.jobs.transactions import TransactionError
 from nlpstream.sinks import AlertSink, OutputRow, SinkError
+from nlpstream.sinks.chunks import rows_chunk, without
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -55,7 +57,7 @@ log = logging.getLogger(LOGGER_NAME)
 class _Handled:
     """Rows, dead letters and alerts of handled records, counted once they are durable."""
 
-    rows: list[OutputRow] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)  # Arrow chunks of rows (nlpstream.sinks.chunks)
     dead_letters: list[tuple[str, str]] = field(default_factory=list)  # (topic, reason)
     alerts: int = 0
 
@@ -65,7 +67,11 @@ class _Handled:
         self.alerts += other.alerts
 
     def drop(self, topic: str, partition: int) -> None:
-        self.rows = [row for row in self.rows if row.partition != partition or row.topic != topic]
+        self.rows = without(self.rows, topic, partition)
+
+    @property
+    def row_count(self) -> int:
+        return sum(chunk.num_rows for chunk in self.rows)
 
 
 @dataclass
@@ -76,6 +82,11 @@ class _Written:
     labels: Counter[str]
     per_topic: Counter[str]
     latencies: Any  # seconds from each row's event time to now, an array
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(column)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
 
 
 class Checkpoint:
@@ -113,8 +124,16 @@ class Checkpoint:
         self._open.dead_letters.append((record.topic, reason))
 
     def write_rows(self, rows: list[OutputRow]) -> None:
-        self._state.sink.write(rows)
-        self._open.rows.extend(rows)
+        """Buffer rows given as objects (see :meth:`write_chunk`)."""
+        if rows:
+            self._state.sink.write(rows)
+            self._open.rows.append(rows_chunk(rows))
+
+    def write_chunk(self, chunk: Any) -> None:
+        """Buffer an Arrow chunk of rows (:func:`nlpstream.sinks.chunks.columns_chunk`)."""
+        if chunk.num_rows:
+            self._state.sink.write_chunk(chunk)
+            self._open.rows.append(chunk)
 
     def write_alerts(self, alerts: Sequence[Any]) -> None:
         for alert in alerts:
@@ -276,10 +295,14 @@ class Checkpoint:
         sealed = self._sealed
         assert sealed is not None
         now_ms = time.time() * 1000
-        rows = sealed.rows
-        event_ms = np.fromiter(map(attrgetter("event_time_ms"), rows), dtype=np.float64, count=len(rows))
-        return _Written(files, Counter(map(attrgetter("label"), rows)), Counter(map(attrgetter("topic"), rows)),
-                        np.maximum(0.0, (now_ms - event_ms) / 1000))
+        labels: Counter[str] = Counter()
+        per_topic: Counter[str] = Counter()
+        latencies = []
+        for chunk in sealed.rows:
+            labels.update(_value_counts(chunk["label"]))
+            per_topic.update(_value_counts(chunk["topic"]))
+            latencies.append(np.maximum(0.0, (now_ms - chunk["event_time"].to_numpy().astype(np.float64)) / 1000))
+        return _Written(files, labels, per_topic, np.concatenate(latencies) if latencies else np.zeros(0))
 
     def _failed(self, exc: BaseException) -> None:
         metrics.SINK_RETRIES.inc()
@@ -307,7 +330,7 @@ class Checkpoint:
         metrics.observe_many(metrics.END_TO_END_SECONDS, written.latencies)
         for topic, reason in sealed.dead_letters:
             metrics.DEAD_LETTERED.labels(topic, reason).inc()
-        summary.labeled += len(sealed.rows)
+        summary.labeled += sealed.row_count
         summary.dead_lettered += len(sealed.dead_letters)
         summary.alerts += sealed.alerts
         summary.files.extend(f.path for f in written.files)

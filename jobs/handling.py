@@ -8,7 +8,11 @@ written the same way whichever job reads it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
+from nlpstream.consumers.decode import fast_json_fields
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
@@ -31,6 +35,86 @@ def decode_batch(records: list[InputRecord], settings: DecodeSettings
         except DecodeError as exc:
             undecodable.append((record, exc))
     return good, undecodable
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The records of a batch that carry usable text, as columns (what :class:`DecodedText` holds per record).
+
+    ``fields_of(i)``: the kept top-level scalar fields of record ``i`` (alert keys), built only when asked.
+    """
+
+    records: list[InputRecord]
+    ids: list[str]
+    texts: list[str]
+    _fields: list[Any]  # per record: a dict, or the fast decode's struct
+    _keep: tuple[tuple[str, str], ...] = ()  # (field, the struct's attribute) of each kept field
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def fields_of(self, i: int) -> dict[str, Any]:
+        fields = self._fields[i]
+        if isinstance(fields, dict):
+            return fields
+        return {name: value for name, attr in self._keep
+                if isinstance(value := getattr(fields, attr), (str, int, float, bool))}
+
+    def select(self, keep: list[int]) -> DecodedBatch:
+        """Only the records at ``keep`` (ascending indices)."""
+        return DecodedBatch([self.records[i] for i in keep], [self.ids[i] for i in keep],
+                            [self.texts[i] for i in keep], [self._fields[i] for i in keep], self._keep)
+
+    @classmethod
+    def of(cls, good: list[DecodedText]) -> DecodedBatch:
+        return cls([d.record for d in good], [d.id for d in good], [d.text for d in good], [d.fields for d in good])
+
+
+def decode_columns(records: list[InputRecord], settings: DecodeSettings
+                   ) -> tuple[DecodedBatch, list[tuple[InputRecord, DecodeError]]]:
+    """:func:`decode_batch` as columns: the same records, ids, texts, fields and errors, in input order.
+
+    Plain JSON objects whose text and id fields are top-level keys take one
+    msgspec struct decode per record (:func:`~nlpstream.consumers.decode.fast_json_fields`)
+    and checks per column; any record that fails a check, and every record
+    of a batch the fast decode refuses, goes through :func:`decode_record`,
+    so ids, errors and their messages stay exactly what it gives.
+    """
+    keep = settings.keep_fields
+    fast = (settings.input_format == "json" and settings.registry is None and keep is not None
+            and "." not in settings.text_field and "." not in settings.id_field and records)
+    names = tuple(dict.fromkeys((settings.text_field, settings.id_field, *(keep or ()))))
+    objs = fast_json_fields([r.value for r in records], names) if fast else None
+    if objs is None:
+        good, undecodable = decode_batch(records, settings)
+        return DecodedBatch.of(good), undecodable
+    texts = [o.f0 for o in objs]
+    ids = texts if settings.id_field == settings.text_field else [o.f1 for o in objs]
+    if not all(type(d) is str for d in ids):  # an integer id is its decimal string (bool is no id)
+        ids = [str(d) if type(d) is int else d for d in ids]
+    attrs = {name: f"f{k}" for k, name in enumerate(names)}
+    kept = tuple((name, attrs[name]) for name in dict.fromkeys(keep or ()) if name != settings.text_field)
+    # usable: a non-blank string text (``strip`` removes exactly what ``isspace`` tests) and a non-empty string id
+    bad = [i for i, (t, d) in enumerate(zip(texts, ids))
+           if type(t) is not str or not t or t.isspace() or type(d) is not str or not d]
+    if not bad:
+        return DecodedBatch(records, ids, texts, objs, kept), []
+    good_at: list[int] = []
+    undecodable: list[tuple[InputRecord, DecodeError]] = []
+    fixed: dict[int, DecodedText] = {}
+    bad_set = set(bad)
+    for i in bad:
+        try:
+            fixed[i] = decode_record(records[i], settings)
+        except DecodeError as exc:
+            undecodable.append((records[i], exc))
+    for i in range(len(records)):
+        if i not in bad_set or i in fixed:
+            good_at.append(i)
+    out_ids = [fixed[i].id if i in fixed else ids[i] for i in good_at]
+    fields = [fixed[i].fields if i in fixed else objs[i] for i in good_at]
+    out_texts = [fixed[i].text if i in fixed else texts[i] for i in good_at]
+    return DecodedBatch([records[i] for i in good_at], out_ids, out_texts, fields, kept), undecodable
 
 
 def decode_failure(exc: DecodeError) -> tuple[str, str, str]:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nlpstream.consumers import DecodeError, InputRecord
-from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.jobs.config import StreamConfig
 from nlpstream.jobs.ledger import OffsetLedger
@@ -57,7 +56,7 @@ class Batch:
     """One micro-batch between decoding and being handled: its classification may still be running."""
 
     records: list[InputRecord]
-    good: list[DecodedText]
+    good: Any  # a jobs.handling.DecodedBatch: the records with usable text, as columns
     undecodable: list[tuple[InputRecord, DecodeError]]
     results: Future[list[Prediction | BaseException]]  # already done when classified on the loop's thread
     generations: dict[TP, int] = field(default_factory=dict)  # each partition's generation when it was accepted

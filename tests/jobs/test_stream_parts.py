@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 import time
 from concurrent.futures import Future
 
@@ -101,6 +102,9 @@ class FakeSink:
 
     def write(self, rows):
         self.rows.extend(rows)
+
+    def write_chunk(self, chunk):  # an Arrow chunk of rows: kept as one object per row, as write() keeps them
+        self.rows.extend(SimpleNamespace(**row) for row in chunk.to_pylist())
 
     def seal(self):
         self.sealed.extend(self.rows)

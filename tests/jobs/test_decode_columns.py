@@ -1,0 +1,82 @@
+"""The stream job's column decode gives exactly what decoding record by record gives (no broker)."""
+
+import itertools
+import json
+
+import pytest
+
+from nlpstream.consumers import DecodeSettings, InputRecord
+from nlpstream.jobs.handling import decode_batch, decode_columns
+
+VALUES = [
+    b'{"id": "a1", "text": "hello", "customer": "acme", "n": 3}',
+    b'{"id": 42, "text": "integer id", "customer": 7}',
+    b'{"id": true, "text": "a bool is no id"}',
+    b'{"id": "", "text": "empty id"}',
+    b'{"text": "no id at all", "customer": [1, 2]}',
+    b'{"id": "x", "text": "   "}',
+    b'{"id": "x", "text": "\\u2003\\u00a0"}',  # blank in Unicode's sense
+    b'{"id": "x"}',
+    b'{"id": "x", "text": 5}',
+    b'{"id": "x", "text": null}',
+    b'{"id": "x", "text": "\xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80 \xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d"}',
+    b'{"id": "x", "other": "\xff", "text": "bad UTF-8 in a field the job does not read"}',
+    b'{"id": "x", "other": NaN, "text": "NaN elsewhere"}',
+    b'{"id": "x", "other": 1e400, "text": "huge number elsewhere"}',
+    b'{"id": "x", "text": "first", "text": "last wins"}',
+    b'\xef\xbb\xbf{"id": "bom", "text": "byte-order mark"}',
+    b'["not", "an", "object"]',
+    b'"a string"',
+    b'{"id": "x", "text": "trailing"} x',
+    b'{"id": "x", "text": "two"},{"id": "y", "text": "objects"}',
+    b'',
+    None,
+    b'{"body": {"text": "nested"}, "body.text": "dotted key", "id": "d"}',
+    b'  {"id": "ws", "text": "surrounded by whitespace"}  \n',
+]
+
+
+def _records(values):
+    return [InputRecord("t", i % 2, i, None if i % 3 else f"k{i}".encode(), v, 1000 + i) for i, v in enumerate(values)]
+
+
+def _same(records, settings):
+    good, bad = decode_batch(records, settings)
+    batch, undecodable = decode_columns(records, settings)
+    assert batch.records == [d.record for d in good]
+    assert batch.ids == [d.id for d in good]
+    assert batch.texts == [d.text for d in good]
+    assert [batch.fields_of(i) for i in range(len(batch))] == [d.fields for d in good]
+    assert [(r, e.kind, str(e)) for r, e in undecodable] == [(r, e.kind, str(e)) for r, e in bad]
+    return batch
+
+
+SETTINGS = [
+    DecodeSettings(keep_fields=()),
+    DecodeSettings(keep_fields=("customer", "n", "text", "id")),
+    DecodeSettings(keep_fields=None),
+    DecodeSettings(text_field="body.text", keep_fields=()),
+    DecodeSettings(text_field="text", id_field="text", keep_fields=("customer",)),
+    DecodeSettings(input_format="text", keep_fields=()),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s.input_format}-{s.text_field}-{s.id_field}-{s.keep_fields}")
+def test_every_value_alone_in_pairs_and_all_together_decodes_as_record_by_record(settings):
+    records = _records(VALUES)
+    _same(records, settings)
+    for record in records:
+        _same([record], settings)
+    for pair in itertools.combinations(records, 2):
+        _same(list(pair), settings)
+
+
+def test_a_batch_of_good_objects_takes_the_column_path_and_keeps_the_alert_fields():
+    values = [json.dumps({"id": f"m{i}", "text": f"text {i}", "customer": f"c{i % 3}", "skip": {"deep": [i]}}).encode()
+              for i in range(50)]
+    records = _records(values)
+    batch = _same(records, DecodeSettings(keep_fields=("customer",)))
+    assert not isinstance(batch._fields[0], dict), "good JSON objects are decoded as structs, not dicts"
+    assert batch.fields_of(4) == {"customer": "c1"}
+    picked = batch.select([1, 4])
+    assert picked.ids == ["m1", "m4"] and picked.fields_of(1) == {"customer": "c1"}

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 
-# not frozen: a frozen dataclass's __init__ costs ~2 us more per object (object.__setattr__ per field),
-# paid per message on the stream path; treat it as immutable
-@dataclass(slots=True, unsafe_hash=True)
-class InputRecord:
+
+# a msgspec struct: built in C (~0.1 us against ~0.45 us for a slots dataclass), one per message on the
+# stream path; frozen (hashable, immutable) at no cost, and not tracked by the garbage collector (it holds
+# no containers that could form a cycle)
+class InputRecord(msgspec.Struct, frozen=True, gc=False):
     """One Kafka record as polled, independent of kafka-python's types.
 
     ``timestamp_ms`` is the record's Kafka timestamp (CreateTime or
@@ -25,7 +27,9 @@ class InputRecord:
     headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
-@dataclass(slots=True, unsafe_hash=True)  # not frozen: see InputRecord
+# not frozen: a frozen dataclass's __init__ costs ~2 us more per object (object.__setattr__ per field);
+# treat it as immutable
+@dataclass(slots=True, unsafe_hash=True)
 class DecodedText:
     """A record that carries usable text.
 

@@ -124,7 +124,7 @@ def fast_json_fields(values: list[bytes | None], names: tuple[str, ...]) -> list
     """
     decode = _fields_decoder(names).decode
     try:
-        objs = [decode(v) for v in values]  # type: ignore[arg-type]
+        objs = list(map(decode, values))  # type: ignore[arg-type]
     except (*_FAST_JSON_FAILS, TypeError):
         return None
     joined = b"".join(values)  # type: ignore[arg-type]

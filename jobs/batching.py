@@ -14,7 +14,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from operator import attrgetter
 from typing import Any
+
+import numpy as np
 
 from nlpstream.consumers import DecodeSettings, InputRecord
 from nlpstream.inference import DeviceError, Prediction
@@ -25,6 +28,10 @@ from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure
 from nlpstream.jobs.shared import TP, Batch, SharedState
 from nlpstream.jobs.wiring import alert_key_fields
 from nlpstream.sinks.chunks import columns_chunk
+
+
+_LABEL, _SCORE = attrgetter("label"), attrgetter("score")
+_PARTITION, _OFFSET, _TIMESTAMP = attrgetter("partition"), attrgetter("offset"), attrgetter("timestamp_ms")
 
 
 class Batches:
@@ -91,13 +98,14 @@ class Batches:
         state.summary.skipped += sum(skipped.values())
         return accepted, seen
 
-    def enqueue(self, records: list[InputRecord]) -> None:
+    def enqueue(self, records: list[InputRecord], partitions: list[TP] | None = None) -> None:
         """Decode a micro-batch and start its classification; handle the oldest batches beyond the pipeline depth.
 
         With ``pipeline_depth`` N, up to N batches are classified on the
         worker thread while this thread polls, decodes and writes; batches are
         handled strictly in order, so offsets become handled in order too.
-        Caller holds the lock.
+        ``partitions``: every partition ``records`` hold (more do no harm), when
+        the caller knows them. Caller holds the lock.
         """
         good, undecodable = decode_columns(records, self._decode)
         texts = good.texts
@@ -107,7 +115,9 @@ class Batches:
             results = Future()
             results.set_result(self._classify_batch(texts) if good else [])
         state = self._state
-        generations = {tp: state.generations.get(tp, 0) for tp in {(r.topic, r.partition) for r in records}}
+        if partitions is None:
+            partitions = list({(r.topic, r.partition) for r in records})
+        generations = {tp: state.generations.get(tp, 0) for tp in partitions}
         in_flight = state.in_flight
         in_flight.append(Batch(records, good, undecodable, results, generations))
         while len(in_flight) > self.config.pipeline_depth:
@@ -180,9 +190,10 @@ class Batches:
         processed_at = int(time.time() * 1000)
         records = good.records
         labeled: list[LabeledMessage] = []
-        labels = [r.label for r in results]  # type: ignore[union-attr]
-        scores = [r.score for r in results]  # type: ignore[union-attr]
-        event_times = [r.timestamp_ms or processed_at for r in records]
+        labels = list(map(_LABEL, results))
+        scores = list(map(_SCORE, results))
+        event_times = np.fromiter(map(_TIMESTAMP, records), dtype=np.int64, count=len(records))
+        event_times[event_times == 0] = processed_at  # no Kafka timestamp: the time it was handled
         names = list(getattr(results[0], "heads", None) or ())
         heads: dict[str, tuple[list[str], list[float]]] = {}
         if names:
@@ -201,15 +212,17 @@ class Batches:
                 fields = good.fields_of(i)
                 key = next((fields[f] for f in key_fields if f in fields), None)
             labeled.append(LabeledMessage(rec.topic, rec.partition, rec.offset, good.ids[i], labels[i], scores[i],
-                                          event_times[i], None if key is None else str(key),
+                                          int(event_times[i]), None if key is None else str(key),
                                           {name: (heads[name][0][i], heads[name][1][i]) for name in names}))
         # below a partition's floor the files hold its row (its alerts are sent again); usually none has one
         floors = {tp: floor for tp in batch.generations if (floor := self._rows_floor(tp)) is not None}
         rows_at: list[int] | None = None
         if floors:
             rows_at = [i for i, r in enumerate(records) if r.offset >= floors.get((r.topic, r.partition), -1)]
-        chunk = columns_chunk([r.topic for r in records], [r.partition for r in records],
-                              [r.offset for r in records], good.ids, good.texts, labels, scores, event_times,
+        topics = {tp[0] for tp in batch.generations}
+        chunk = columns_chunk([records[0].topic] * len(records) if len(topics) == 1 else [r.topic for r in records],
+                              list(map(_PARTITION, records)), list(map(_OFFSET, records)), good.ids, good.texts,
+                              labels, scores, event_times,
                               processed_at, self._engine.model_name, heads)
         if rows_at is not None and len(rows_at) < len(records):
             chunk = chunk.take(rows_at)

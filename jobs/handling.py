@@ -9,6 +9,7 @@ written the same way whichever job reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
@@ -17,6 +18,7 @@ from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
 
+_VALUE, _F0, _F1 = attrgetter("value"), attrgetter("f0"), attrgetter("f1")
 INFERENCE_REASON = "inference"  # the dead-letter reason of a text the model fails on alone
 
 
@@ -84,12 +86,12 @@ def decode_columns(records: list[InputRecord], settings: DecodeSettings
     fast = (settings.input_format == "json" and settings.registry is None and keep is not None
             and "." not in settings.text_field and "." not in settings.id_field and records)
     names = tuple(dict.fromkeys((settings.text_field, settings.id_field, *(keep or ()))))
-    objs = fast_json_fields([r.value for r in records], names) if fast else None
+    objs = fast_json_fields(list(map(_VALUE, records)), names) if fast else None
     if objs is None:
         good, undecodable = decode_batch(records, settings)
         return DecodedBatch.of(good), undecodable
-    texts = [o.f0 for o in objs]
-    ids = texts if settings.id_field == settings.text_field else [o.f1 for o in objs]
+    texts = list(map(_F0, objs))
+    ids = texts if settings.id_field == settings.text_field else list(map(_F1, objs))
     if not all(type(d) is str for d in ids):  # an integer id is its decimal string (bool is no id)
         ids = [str(d) if type(d) is int else d for d in ids]
     attrs = {name: f"f{k}" for k, name in enumerate(names)}

@@ -151,7 +151,7 @@ class StreamJob:
                 with state.lock:
                     accepted, seen = batches.accept(records)
                     if accepted:
-                        batches.enqueue(accepted)
+                        batches.enqueue(accepted, seen)
                     batches.finish_ready()
                     if records:
                         last_input = time.monotonic()  # idle time starts when the batch is done

@@ -47,7 +47,7 @@ def head_names(chunk: pa.Table) -> list[str]:
 
 
 def columns_chunk(topics: list[str], partitions: list[int], offsets: list[int], ids: list[str], texts: list[str],
-                  labels: list[str], scores: list[float], event_times: list[int], processed_at_ms: int, model: str,
+                  labels: list[str], scores: list[float], event_times: Sequence[int] | np.ndarray, processed_at_ms: int, model: str,
                   heads: dict[str, tuple[list[str], list[float]]] | None = None) -> pa.Table:
     """A chunk from a batch's columns (equal lengths; ``heads``: name -> (labels, scores), in model order)."""
     n = len(offsets)

@@ -18,6 +18,7 @@ from operator import attrgetter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from nlpstream.consumers import DecodeSettings, InputRecord
 from nlpstream.inference import DeviceError, Prediction
@@ -225,7 +226,7 @@ class Batches:
                               labels, scores, event_times,
                               processed_at, self._engine.model_name, heads)
         if rows_at is not None and len(rows_at) < len(records):
-            chunk = chunk.take(rows_at)
+            chunk = chunk.take(pa.array(rows_at, pa.int64()))  # typed: an empty list would be a null array
         self._checkpoint.write_chunk(chunk)
         self._checkpoint.write_alerts(self._rules.evaluate(labeled))
 

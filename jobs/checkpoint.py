@@ -125,9 +125,7 @@ class Checkpoint:
 
     def write_rows(self, rows: list[OutputRow]) -> None:
         """Buffer rows given as objects (see :meth:`write_chunk`)."""
-        if rows:
-            self._state.sink.write(rows)
-            self._open.rows.append(rows_chunk(rows))
+        self.write_chunk(rows_chunk(rows))
 
     def write_chunk(self, chunk: Any) -> None:
         """Buffer an Arrow chunk of rows (:func:`nlpstream.sinks.chunks.columns_chunk`)."""

@@ -683,6 +683,17 @@ def test_rows_below_the_files_end_are_not_written_again():
     batches.close()
 
 
+def test_a_batch_wholly_below_the_files_end_writes_no_row_and_still_sends_its_alerts():
+    state, checkpoint, _, _ = _parts()
+    batches = Batches(state, NegativeEngine(), DecodeSettings(keep_fields=()), AlertRules(state.config.alerts),
+                      checkpoint, lambda tp: 10 if tp == T0 else None)
+    batches.enqueue([_record(i) for i in range(4)])
+    batches.finish_all()
+    assert state.sink.rows == [] and state.ledger.has_pending()
+    assert [a.offset for a in checkpoint.alert_sink.written] == [0, 1, 2, 3], "alerts are sent again below the floor"
+    batches.close()
+
+
 def test_drain_keeps_a_classification_failure_for_the_loop_and_drops_the_batches():
     state, checkpoint, _, _ = _parts()
     batches = Batches(state, BisectEngine(), DecodeSettings(), AlertRules(state.config.alerts), checkpoint,
@@ -693,6 +704,11 @@ def test_drain_keeps_a_classification_failure_for_the_loop_and_drops_the_batches
     batches.drain()
     assert isinstance(state.fatal, RuntimeError) and not state.in_flight and not state.ledger.has_pending()
     batches.close()
+
+
+class NegativeEngine(BisectEngine):
+    def classify(self, texts):
+        return [Prediction("negative", 0.99) for _ in texts]
 
 
 class GatedEngine(BisectEngine):

@@ -53,6 +53,17 @@ def field_at(obj: Any, path: str) -> Any:
     return obj
 
 
+def id_text(raw: Any) -> str | None:
+    """The message id a JSON id field gives: a string, or an integer's decimal digits; None for anything else,
+    an empty string, or an integer longer than Python prints (4,300 digits): the record takes the fallback id."""
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        try:
+            return str(raw) or None
+        except ValueError:  # int too long to convert (sys.get_int_max_str_digits)
+            return None
+    return None
+
+
 def _fallback_id(record: InputRecord) -> str:
     if record.key is not None:
         try:
@@ -136,6 +147,15 @@ def fast_json_fields(values: list[bytes | None], names: tuple[str, ...]) -> list
     return objs
 
 
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer; one longer than Python converts to ``int`` (4,300 digits) is read as a float (``inf``),
+    as ``1e400`` is: the record is not refused for a number in a field the job may not even read."""
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
 def _decode_stdlib(record: InputRecord, settings: DecodeSettings) -> DecodedText:
     """:func:`decode_record` with the standard library's JSON parser only: every error kind and message."""
     if record.value is None or len(record.value) == 0:
@@ -154,7 +174,7 @@ def _decode_stdlib(record: InputRecord, settings: DecodeSettings) -> DecodedText
             raise DecodeError("blank_text", "text is blank")
         return DecodedText(record=record, id=_fallback_id(record), text=raw)
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise DecodeError("malformed_json", f"value is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -173,11 +193,7 @@ def _from_object(record: InputRecord, obj: dict[str, Any], settings: DecodeSetti
         )
     if not text.strip():
         raise DecodeError("blank_text", f"field {settings.text_field!r} is blank")
-    raw_id = field_at(obj, settings.id_field)
-    if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and str(raw_id) != "":
-        msg_id = str(raw_id)
-    else:
-        msg_id = _fallback_id(record)
+    msg_id = id_text(field_at(obj, settings.id_field)) or _fallback_id(record)
     keep = settings.keep_fields
     if keep is None:
         fields = _scalar_fields(obj, settings.text_field)

@@ -13,7 +13,7 @@ from operator import attrgetter
 from typing import Any
 
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
-from nlpstream.consumers.decode import fast_json_fields
+from nlpstream.consumers.decode import fast_json_fields, id_text
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
@@ -93,7 +93,7 @@ def decode_columns(records: list[InputRecord], settings: DecodeSettings
     texts = list(map(_F0, objs))
     ids = texts if settings.id_field == settings.text_field else list(map(_F1, objs))
     if not all(type(d) is str for d in ids):  # an integer id is its decimal string (bool is no id)
-        ids = [str(d) if type(d) is int else d for d in ids]
+        ids = [id_text(d) if type(d) is int else d for d in ids]  # None (too long to print): fixed below
     attrs = {name: f"f{k}" for k, name in enumerate(names)}
     kept = tuple((name, attrs[name]) for name in dict.fromkeys(keep or ()) if name != settings.text_field)
     # usable: a non-blank string text (``strip`` removes exactly what ``isspace`` tests) and a non-empty string id

@@ -130,3 +130,13 @@ def test_keep_fields_keeps_only_the_named_scalar_fields():
     assert keys.fields == {"ticker": 7}, "named, present, scalar and not the text field"
     assert decode_record(rec(value), DecodeSettings(keep_fields=())).fields == {}
     assert (keys.id, keys.text) == (every.id, every.text)
+
+
+def test_an_integer_longer_than_python_converts_is_no_id_and_refuses_no_record():
+    """Python refuses to turn integers of over 4,300 digits into ``int`` (a ValueError, which escaped the
+    decode before): such an id takes the fallback id, and such a number elsewhere reads as a float."""
+    digits = b"9" * 5000
+    got = decode_record(rec(b'{"id": ' + digits + b', "text": "hi"}', key=b"k1"), JSON)
+    assert (got.id, got.text) == ("k1", "hi")
+    got = decode_record(rec(b'{"id": "a", "n": -' + digits + b', "text": "hi"}'), JSON)
+    assert got.id == "a" and got.fields["n"] == float("-inf")

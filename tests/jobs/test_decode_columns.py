@@ -33,6 +33,8 @@ VALUES = [
     None,
     b'{"body": {"text": "nested"}, "body.text": "dotted key", "id": "d"}',
     b'  {"id": "ws", "text": "surrounded by whitespace"}  \n',
+    b'{"id": ' + b"9" * 5000 + b', "text": "an integer id too long to print: the fallback id"}',
+    b'{"id": -0, "text": "minus zero"}',
 ]
 
 

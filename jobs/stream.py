@@ -258,9 +258,15 @@ class StreamJob:
 
     # -- backpressure and lag -------------------------------------------------------------
     def _apply_backpressure(self) -> None:
+        """Pause fetching while rows wait for a failing sink; resume once they are down to half the limit.
+
+        Only while flushes fail: a succeeding flush the loop got ahead of is waited for instead
+        (:meth:`Checkpoint.wait_if_behind`), and a pause then would drop what the client prefetched
+        (librdkafka's queue, fetched again after the resume: a stall of a second or more)."""
         state = self._state
+        assert self._checkpoint is not None
         limit = self.config.output.max_buffered_rows * 2
-        if not state.paused and state.sink.buffered >= limit:
+        if not state.paused and state.sink.buffered >= limit and self._checkpoint.failing:
             state.input.pause(state.input.assignment())
             state.paused = True
             log.warning("pausing consumption: %d rows wait for the sink", state.sink.buffered)

@@ -21,7 +21,7 @@ from nlpstream.jobs.liveness import Liveness
 from nlpstream.jobs.rebalance import Rebalance
 from nlpstream.jobs.shared import Batch, SharedState
 from nlpstream.jobs.transactions import TransactionError
-from nlpstream.sinks import SinkWriteError
+from nlpstream.sinks import OutputRow, SinkWriteError
 
 T0, T1 = ("t", 0), ("t", 1)
 
@@ -750,3 +750,25 @@ def test_a_batch_in_flight_when_its_partition_is_rewound_is_not_handled_after_th
     batches.finish_all()
     assert [r.offset for r in state.sink.rows] == list(range(14))
     batches.close()
+
+
+def test_backpressure_pauses_fetching_only_while_flushes_fail():
+    """Rows beyond twice ``max_buffered_rows`` pause fetching only when the flush fails: a succeeding flush
+    is waited for instead, and a pause would drop what the client prefetched (librdkafka refetches it)."""
+    from nlpstream.jobs.stream import StreamJob
+
+    state, checkpoint, _, _ = _parts(fail_files=True)
+    state.config.output.max_buffered_rows = 2
+    job = StreamJob(state.config)
+    job._state, job._checkpoint = state, checkpoint
+    checkpoint.write_rows([OutputRow("t", 0, o, f"r{o}", "x", "positive", 0.9, 1000, 1000, "m") for o in range(4)])
+    state.ledger.handled(T0, 3)
+    job._apply_backpressure()
+    assert not state.paused and state.input.paused == set(), "a flush that has not failed pauses nothing"
+    assert not checkpoint.flush() and checkpoint.failing
+    job._apply_backpressure()
+    assert state.paused and state.input.paused == {T0}
+    state.sink.fail_flush = False
+    assert checkpoint.flush()
+    job._apply_backpressure()
+    assert not state.paused and state.input.paused == set()

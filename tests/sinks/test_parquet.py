@@ -188,3 +188,14 @@ def test_skip_written_splits_a_chunk_around_a_file_another_worker_wrote(tmp_path
     assert [(f.key.first_offset, f.key.last_offset, f.rows) for f in files] == [(0, 2, 3), (5, 7, 3)]
     table = ds.dataset(str(tmp_path), partitioning="hive").to_table()
     assert sorted(table.column("offset").to_pylist()) == list(range(8))
+
+
+def test_only_low_cardinality_columns_are_dictionary_encoded(tmp_path):
+    sink = ParquetSink(str(tmp_path))
+    sink.write([row("a", 0, i, label=("neutral", "negative")[i % 2]) for i in range(20)])
+    (f,) = sink.flush()
+    meta = pq.ParquetFile(f.path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert any("DICTIONARY" in e for e in encodings["label"]) and any("DICTIONARY" in e for e in encodings["model"])
+    assert not any("DICTIONARY" in e for e in encodings["text"]) and not any("DICTIONARY" in e for e in encodings["id"])
+    assert pq.read_table(f.path).column("label").to_pylist() == [("neutral", "negative")[i % 2] for i in range(20)]

@@ -138,8 +138,8 @@ def _produce(bootstrap: str, topic: str, texts: list[str], partitions: int) -> N
 def _bare_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
     from confluent_kafka import Consumer
 
-    # the job's fetch.queue.backoff.ms: with librdkafka's 1 s default, a topic of over ~250,000 messages
-    # here held this consumer to about 260,000 msg/s (1.3-1.4 million with 20 ms)
+    # the job's fetch.queue.backoff.ms: with librdkafka's 1 s default, topics of 300,000 and 600,000
+    # messages here held this consumer to about 258,000 msg/s (1.3-1.4 million with 20 ms)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          "fetch.queue.backoff.ms": 20})

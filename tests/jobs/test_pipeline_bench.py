@@ -15,7 +15,8 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
                 "job_instant_engine_confluent_client_msgs_per_s", "simulated_device_texts_per_s",
                 "engine_instant_runner_texts_per_s", "engine_instant_runner_cpu_limits_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
                 "model_job_msgs_per_s", "decode_json_records_per_s", "decode_avro_records_per_s",
-                "decode_json_schema_records_per_s", "decode_protobuf_records_per_s"):
+                "decode_json_schema_records_per_s", "decode_protobuf_records_per_s",
+                "decode_json_columns_records_per_s"):
         assert out[key] > 0, key
     for key in ("simulated_device_busy_share", "simulated_device_busy_share_unpipelined",
                 "simulated_device_busy_share_flush_on_loop"):
@@ -27,6 +28,6 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
         out["job_instant_engine_msgs_per_s"] / out["bare_confluent_consumer_msgs_per_s"], **rounded)
     assert 0 < out["job_instant_confluent_vs_kafka_python_client"] == pytest.approx(
         out["job_instant_engine_confluent_client_msgs_per_s"] / out["job_instant_engine_msgs_per_s"], **rounded)
-    for fmt in ("avro", "json_schema", "protobuf"):
+    for fmt in ("avro", "json_schema", "protobuf", "json_columns"):
         assert out[f"decode_{fmt}_vs_json"] == pytest.approx(
             out[f"decode_{fmt}_records_per_s"] / out["decode_json_records_per_s"], **rounded)

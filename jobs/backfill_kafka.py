@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
+
 from nlpstream.consumers import DecodeSettings, InputRecord
 from nlpstream.consumers.client_config import quiet_topic_creation, wait_for_kafka
 from nlpstream.consumers.dlq import DeadLetterQueue
@@ -33,7 +35,7 @@ from nlpstream.jobs.backfill_inputs import BackfillError
 from nlpstream.jobs.backfill_output import BackfillOutput, Range, next_undone
 from nlpstream.jobs.config import BackfillConfig
 from nlpstream.jobs.gc_tuning import tuned_gc
-from nlpstream.jobs.handling import decode_batch, decode_failure, inference_failure, output_row
+from nlpstream.jobs.handling import decode_columns, decode_failure, inference_failure, labeled_columns
 from nlpstream.jobs.stream import connection_settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,9 @@ class KafkaBackfill:
         if cfg.input.input_format in REGISTRY_FORMATS:
             sr = cfg.input.schema_registry
             registry = RegistryDecoder(cfg.input.input_format, sr.url or "", sr.username, sr.secret(), sr.ca_file)
-        self._decode = DecodeSettings(cfg.input.input_format, cfg.text_field, cfg.id_field, registry=registry)
+        # no other fields kept: the backfill writes rows only (and its batches then decode as columns)
+        self._decode = DecodeSettings(cfg.input.input_format, cfg.text_field, cfg.id_field, registry=registry,
+                                      keep_fields=())
         quiet_topic_creation([cfg.dlq_topic()])
         try:
             self._dlq = DeadLetterQueue(connection_settings(cfg), cfg.dlq_topic())
@@ -174,7 +178,7 @@ class KafkaBackfill:
         """Handle offsets ``first``..``last`` of a partition (``records`` are those that exist) and commit."""
         wanted = [r for r in records if self._in_range(r)]
         self._resolve(wanted)
-        good, undecodable = decode_batch(wanted, self._decode)
+        good, undecodable = decode_columns(wanted, self._decode)
         result = PieceResult(self.topic)
         dead: Counter[str] = Counter()
         for record, exc in undecodable:
@@ -182,27 +186,35 @@ class KafkaBackfill:
             self._dlq.send(record, error_class, message)
             dead[reason] += 1
         tracker.advance(len(undecodable))
-        rows = []
+        chunks, labels, rows = [], Counter[str](), 0
         for start in range(0, len(good), CLASSIFY_CHUNK):
-            part = good[start:start + CLASSIFY_CHUNK]
+            part = good.select(list(range(start, min(start + CLASSIFY_CHUNK, len(good)))))
             now_ms = int(time.time() * 1000)
-            for decoded, p in zip(part, _classify_each(engine, [d.text for d in part])):
-                if isinstance(p, BaseException):
-                    error_class, message, reason = inference_failure(p)
-                    self._dlq.send(decoded.record, error_class, message)
-                    dead[reason] += 1
-                    continue
-                rows.append(output_row(decoded, p, now_ms, engine.model_name))
+            results = _classify_each(engine, part.texts)
+            failed = [i for i, p in enumerate(results) if isinstance(p, BaseException)]
+            for i in failed:
+                error_class, message, reason = inference_failure(results[i])
+                self._dlq.send(part.records[i], error_class, message)
+                dead[reason] += 1
             tracker.advance(len(part))
+            if failed:
+                failed_set = set(failed)
+                keep = [i for i in range(len(results)) if i not in failed_set]
+                part, results = part.select(keep), [results[i] for i in keep]
+            if len(part):
+                columns = labeled_columns(part, results, now_ms, engine.model_name, one_topic=True)
+                chunks.append(columns.chunk)
+                labels.update(columns.labels)
+                rows += len(part)
         tracker.advance((last - first + 1) - len(wanted))  # offsets without a record, or outside the time range
         try:
             self._dlq.flush()
         except ConsumerError as exc:
             raise BackfillError(f"{exc}; rerun to resume") from exc
-        result.rows, result.dead_lettered = len(rows), dict(dead)
-        result.labels = dict(Counter(r.label for r in rows))
-        files = self._out.commit(self.topic, partition, first, last, rows, [],
-                                 {"rows": len(rows), "dead_lettered": sum(dead.values()),
+        result.rows, result.dead_lettered = rows, dict(dead)
+        result.labels = dict(labels)
+        files = self._out.commit(self.topic, partition, first, last, pa.concat_tables(chunks) if chunks else [], [],
+                                 {"rows": rows, "dead_lettered": sum(dead.values()),
                                   "outside_time_range": len(records) - len(wanted)})
         result.files = [f.path for f in files]
         return result

@@ -128,11 +128,15 @@ class BackfillOutput:
             self.fs.rm(path)
         return done
 
-    def commit(self, topic: str, partition: int, first: int, last: int, rows: list[OutputRow],
+    def commit(self, topic: str, partition: int, first: int, last: int, rows: list[OutputRow] | pa.Table,
                rejects: list[Reject], summary: dict[str, int]) -> list[WrittenFile]:
-        """Make the piece ``first``..``last`` durable: rows, then rejects, then its marker (``summary`` is
-        stored in the marker). Raises SinkError or OSError; the piece then stays unfinished."""
-        self.sink.write(rows)
+        """Make the piece ``first``..``last`` durable: rows (objects, or an Arrow chunk of them:
+        :mod:`nlpstream.sinks.chunks`), then rejects, then its marker (``summary`` is stored in the marker).
+        Raises SinkError or OSError; the piece then stays unfinished."""
+        if isinstance(rows, pa.Table):
+            self.sink.write_chunk(rows)
+        else:
+            self.sink.write(rows)
         files = self.sink.flush()
         if rejects:
             table = pa.Table.from_pylist([{"id": r.id, "source": r.source, "partition": r.partition,

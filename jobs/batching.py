@@ -14,10 +14,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from operator import attrgetter
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from nlpstream.consumers import DecodeSettings, InputRecord
@@ -25,14 +23,9 @@ from nlpstream.inference import DeviceError, Prediction
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.checkpoint import Checkpoint
-from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure, inference_failure
+from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure, inference_failure, labeled_columns
 from nlpstream.jobs.shared import TP, Batch, SharedState
 from nlpstream.jobs.wiring import alert_key_fields
-from nlpstream.sinks.chunks import columns_chunk
-
-
-_LABEL, _SCORE = attrgetter("label"), attrgetter("score")
-_PARTITION, _OFFSET, _TIMESTAMP = attrgetter("partition"), attrgetter("offset"), attrgetter("timestamp_ms")
 
 
 class Batches:
@@ -188,19 +181,13 @@ class Batches:
             good, results = good.select(keep), [results[i] for i in keep]
             if not len(good):
                 return
-        processed_at = int(time.time() * 1000)
         records = good.records
         labeled: list[LabeledMessage] = []
-        labels = list(map(_LABEL, results))
-        scores = list(map(_SCORE, results))
-        event_times = np.fromiter(map(_TIMESTAMP, records), dtype=np.int64, count=len(records))
-        event_times[event_times == 0] = processed_at  # no Kafka timestamp: the time it was handled
-        names = list(getattr(results[0], "heads", None) or ())
-        heads: dict[str, tuple[list[str], list[float]]] = {}
-        if names:
-            for name in names:
-                each = [r.heads[name] for r in results]  # type: ignore[union-attr]
-                heads[name] = ([h.label for h in each], [h.score for h in each])
+        topics = {tp[0] for tp in batch.generations}
+        columns = labeled_columns(good, results, int(time.time() * 1000), self._engine.model_name,  # type: ignore[arg-type]
+                                  one_topic=len(topics) == 1)
+        labels, scores, event_times, heads = columns.labels, columns.scores, columns.event_times, columns.heads
+        names = list(heads)
         every = self._rules.needs_every_message()  # else only messages that may fire the message rule
         may_fire = self._rules.may_fire
         alerting = range(len(results)) if every else [i for i, (label, score) in enumerate(zip(labels, scores))
@@ -220,11 +207,7 @@ class Batches:
         rows_at: list[int] | None = None
         if floors:
             rows_at = [i for i, r in enumerate(records) if r.offset >= floors.get((r.topic, r.partition), -1)]
-        topics = {tp[0] for tp in batch.generations}
-        chunk = columns_chunk([records[0].topic] * len(records) if len(topics) == 1 else [r.topic for r in records],
-                              list(map(_PARTITION, records)), list(map(_OFFSET, records)), good.ids, good.texts,
-                              labels, scores, event_times,
-                              processed_at, self._engine.model_name, heads)
+        chunk = columns.chunk
         if rows_at is not None and len(rows_at) < len(records):
             chunk = chunk.take(pa.array(rows_at, pa.int64()))  # typed: an empty list would be a null array
         self._checkpoint.write_chunk(chunk)

@@ -12,13 +12,19 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
 
+import numpy as np
+
 from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode_record
 from nlpstream.consumers.decode import fast_json_fields, id_text
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
 from nlpstream.sinks import OutputRow
+from nlpstream.sinks.chunks import columns_chunk
 
 _VALUE, _F0, _F1 = attrgetter("value"), attrgetter("f0"), attrgetter("f1")
+_LABEL, _SCORE = attrgetter("label"), attrgetter("score")
+_TOPIC, _PARTITION, _OFFSET, _TIMESTAMP = (attrgetter("topic"), attrgetter("partition"), attrgetter("offset"),
+                                           attrgetter("timestamp_ms"))
 INFERENCE_REASON = "inference"  # the dead-letter reason of a text the model fails on alone
 
 
@@ -117,6 +123,41 @@ def decode_columns(records: list[InputRecord], settings: DecodeSettings
     fields = [fixed[i].fields if i in fixed else objs[i] for i in good_at]
     out_texts = [fixed[i].text if i in fixed else texts[i] for i in good_at]
     return DecodedBatch([records[i] for i in good_at], out_ids, out_texts, fields, kept), undecodable
+
+
+@dataclass(slots=True)
+class LabeledColumns:
+    """A batch's labeled records as columns: their rows as one Arrow table (:mod:`nlpstream.sinks.chunks`), and
+    the labels, scores, event times and further heads the alert rules read."""
+
+    chunk: Any  # pa.Table
+    labels: list[str]
+    scores: list[float]
+    event_times: Any  # np.ndarray of int64 milliseconds
+    heads: dict[str, tuple[list[str], list[float]]]
+
+
+def labeled_columns(good: DecodedBatch, results: list[Prediction], processed_at_ms: int, model: str,
+                    one_topic: bool = False) -> LabeledColumns:
+    """The rows of labeled records (what :func:`output_row` gives per record), built a column at a time.
+
+    The event time is the record's Kafka timestamp, or ``processed_at_ms`` when it has none; the first
+    result names the further heads. ``one_topic``: the caller knows every record is of the first one's topic.
+    """
+    records = good.records
+    labels = list(map(_LABEL, results))
+    scores = list(map(_SCORE, results))
+    event_times = np.fromiter(map(_TIMESTAMP, records), dtype=np.int64, count=len(records))
+    event_times[event_times == 0] = processed_at_ms  # no Kafka timestamp: the time it was handled
+    heads: dict[str, tuple[list[str], list[float]]] = {}
+    names = list(getattr(results[0], "heads", None) or ()) if results else []
+    for name in names:
+        each = [r.heads[name] for r in results]  # type: ignore[attr-defined]
+        heads[name] = ([h.label for h in each], [h.score for h in each])
+    topics = [records[0].topic] * len(records) if one_topic else list(map(_TOPIC, records))
+    chunk = columns_chunk(topics, list(map(_PARTITION, records)), list(map(_OFFSET, records)), good.ids, good.texts,
+                          labels, scores, event_times, processed_at_ms, model, heads)
+    return LabeledColumns(chunk, labels, scores, event_times, heads)
 
 
 def decode_failure(exc: DecodeError) -> tuple[str, str, str]:

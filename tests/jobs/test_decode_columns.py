@@ -82,3 +82,27 @@ def test_a_batch_of_good_objects_takes_the_column_path_and_keeps_the_alert_field
     assert batch.fields_of(4) == {"customer": "c1"}
     picked = batch.select([1, 4])
     assert picked.ids == ["m1", "m4"] and picked.fields_of(1) == {"customer": "c1"}
+
+
+def test_labeled_columns_hold_what_output_row_gives_record_by_record():
+    """The rows' Arrow table of a batch equals the rows ``output_row`` builds one record at a time: two topics,
+    a record without a Kafka timestamp, a NaN score, a further head."""
+    from types import SimpleNamespace
+
+    from nlpstream.jobs.handling import labeled_columns, output_row
+    from nlpstream.sinks.chunks import rows_chunk
+
+    records = [InputRecord("a", 0, 5, None, b'{"id": "x", "text": "one"}', 1_700_000_000_000),
+               InputRecord("b", 2, 9, None, b'{"id": "y", "text": "two"}', 0)]
+    results = [SimpleNamespace(label="positive", score=0.75, heads={"topic": SimpleNamespace(label="billing", score=0.5)}),
+               SimpleNamespace(label="negative", score=float("nan"),
+                               heads={"topic": SimpleNamespace(label="account", score=0.25)})]
+    good, bad = decode_columns(records, DecodeSettings(keep_fields=()))
+    assert not bad
+    got = labeled_columns(good, results, 1_800_000_000_000, "m")
+    good_rows, _ = decode_batch(records, DecodeSettings(keep_fields=()))
+    want = rows_chunk([output_row(d, r, 1_800_000_000_000, "m") for d, r in zip(good_rows, results)])
+    assert got.chunk.schema == want.schema
+    assert str(got.chunk.to_pylist()) == str(want.to_pylist())  # str: NaN equals itself
+    assert got.labels == ["positive", "negative"] and list(got.event_times) == [1_700_000_000_000, 1_800_000_000_000]
+    assert got.heads == {"topic": (["billing", "account"], [0.5, 0.25])}

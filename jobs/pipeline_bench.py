@@ -253,6 +253,22 @@ _JSON_SCHEMA = {"type": "object", "properties": {"id": {"type": "string"}, "text
 _PROTO = 'syntax = "proto3";\nmessage Msg { string id = 1; string text = 2; }\n'
 
 
+def _each(fn: Callable[[Any], Any], items: list[Any]) -> None:
+    """Call ``fn`` on every item, keeping no result (timed: results kept alive would cost allocations)."""
+    for item in items:
+        fn(item)
+
+
+def _best_seconds(fn: Callable[[], Any], rounds: int = 2) -> float:
+    """The shortest of ``rounds`` timed calls of ``fn``."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def decode_rates(texts: list[str]) -> dict[str, float]:
     """Records/s of the job's decode step for JSON and for each schema'd format, on the same texts, one run.
 
@@ -297,12 +313,7 @@ def decode_rates(texts: list[str]) -> dict[str, float]:
             registry.resolve(registry.unresolved(values[:1]))
         settings = DecodeSettings(fmt, "text", "id", registry=registry)  # type: ignore[arg-type]
         records = [InputRecord("t", 0, i, None, v, 0, ()) for i, v in enumerate(values)]
-        best = float("inf")
-        for _ in range(2):
-            start = time.perf_counter()
-            for r in records:
-                decode_record(r, settings)
-            best = min(best, time.perf_counter() - start)
+        best = _best_seconds(functools.partial(_each, functools.partial(decode_record, settings=settings), records))
         out[f"decode_{fmt.replace('-', '_')}_records_per_s"] = round(len(records) / best, 1)
     base = out["decode_json_records_per_s"]
     for fmt in ("avro", "json_schema", "protobuf"):
@@ -313,12 +324,7 @@ def decode_rates(texts: list[str]) -> dict[str, float]:
     settings = DecodeSettings("json", "text", "id", keep_fields=())
     records = [InputRecord("t", 0, i, None, v, 0, ()) for i, v in enumerate(payloads["json"])]
     batches = [records[i:i + 512] for i in range(0, len(records), 512)]  # the job's default micro-batch
-    best = float("inf")
-    for _ in range(2):
-        start = time.perf_counter()
-        for batch in batches:
-            decode_columns(batch, settings)
-        best = min(best, time.perf_counter() - start)
+    best = _best_seconds(functools.partial(_each, functools.partial(decode_columns, settings=settings), batches))
     out["decode_json_columns_records_per_s"] = round(len(records) / best, 1)
     out["decode_json_columns_vs_json"] = round(out["decode_json_columns_records_per_s"] / base, 3)
     return out

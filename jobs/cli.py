@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -30,8 +31,10 @@ PrecisionOpt = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or f
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    worker = os.environ.get("NLPSTREAM_WORKER")  # a worker of nlpstream stream --workers N: its index
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s " + (f"worker {worker} " if worker else "")
+                        + "%(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     for name in ("httpx", "httpx2"):  # the registry client's per-request INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -89,11 +92,15 @@ def stream(
     alert_key_field: Annotated[Optional[str], typer.Option(help="JSON field for the per-key window rule.")] = None,
     max_messages: Annotated[Optional[int], typer.Option(help="Stop after this many messages.")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help=(
+        "Worker processes of the group under one supervisor (one per GPU; an explicit --devices list is dealt "
+        "out among them); failed ones are restarted, one /metrics serves them all."))] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Consume topics, classify, write Parquet and alerts, commit after files are durable.
 
-    SIGTERM/SIGINT: stop polling, finish the batch in hand, flush, commit, exit 0.
+    SIGTERM/SIGINT: stop polling, finish the batch in hand, flush, commit, exit 0 (with --workers: every
+    worker does, then the supervisor exits).
     """
     _setup_logging(verbose)
     overrides = {
@@ -107,13 +114,44 @@ def stream(
         "metrics.metrics_host": metrics_host, "alerts.alert_topic": alert_topic, "alerts.alert_file": alert_file,
         "alerts.alert_webhook_url": alert_webhook_url,
         "alerts.window_key_field": alert_key_field, "max_messages": max_messages, "idle_timeout": idle_timeout,
+        "workers": workers,
     }
+    cfg = _stream_config(config, overrides)
+    if cfg.workers > 1:
+        from nlpstream.jobs.supervisor import split_devices, supervise
+
+        for devices in sorted(set(split_devices(cfg.model.devices, cfg.workers))):  # fail once, not once a worker
+            _preflight(cfg.model.model, devices, cfg.model.precision)
+        raise typer.Exit(supervise(cfg, config, overrides, cfg.workers, verbose))
+    _run_stream(cfg)
+
+
+@app.command("stream-worker", hidden=True)
+def stream_worker(
+    config: ConfigOpt = None,
+    overrides: Annotated[str, typer.Option(help="The dotted overrides, as JSON.")] = "{}",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """One worker of ``nlpstream stream --workers N``, started by its supervisor (jobs/supervisor.py)."""
+    from nlpstream.jobs.supervisor import set_parent_death_signal
+
+    set_parent_death_signal()
+    _setup_logging(verbose)
+    _run_stream(_stream_config(config, {**json.loads(overrides), "workers": 1}))
+
+
+def _stream_config(config: Optional[Path], overrides: dict[str, object]) -> StreamConfig:
     try:
         cfg = load_config(StreamConfig, config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
     if not cfg.kafka.topics:
         _fail("no topic: give --topic, kafka.topics in --config, or NLPSTREAM_KAFKA__TOPICS")
+    return cfg  # type: ignore[no-any-return]
+
+
+def _run_stream(cfg: StreamConfig) -> None:
+    """Run one stream job in this process until it stops; exit codes as ``nlpstream stream`` documents."""
     from nlpstream.consumers.errors import ConsumerError
     from nlpstream.jobs.metrics import MetricsPortError
     from nlpstream.inference import InferenceError, NoLiveDeviceError

@@ -274,6 +274,10 @@ class StreamConfig(_BaseJobConfig):
         "Liveness: when one loop round takes longer, dump every thread's stack and exit with code 75 "
         "so the supervisor restarts the worker (safe: output resumes from the files). At least 30 s: while "
         "the brokers are away one healthy round may wait on several bounded broker reads (about 20 s)."))
+    workers: int = Field(1, ge=1, le=64, description=(
+        "Worker processes of the consumer group under one supervisor (nlpstream stream): one per GPU, "
+        "an explicit model.devices list dealt out among them; failed workers are restarted, and one /metrics "
+        "serves every worker's series with a worker label. max_messages and idle_timeout count per worker."))
     pipeline_depth: int = Field(1, ge=0, le=8, description=(
         "Micro-batches classified ahead on a worker thread while the loop polls, decodes and writes "
         "(0: one batch at a time). Commits still wait until the rows are durable."))

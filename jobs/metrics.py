@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 CONSUMED = Counter("nlpstream_messages_consumed_total", "Records polled from Kafka (duplicates skipped excluded).", ["topic"])
 LABELED = Counter("nlpstream_messages_labeled_total", "Messages labeled and written to durable Parquet files.", ["topic"])
@@ -80,10 +80,13 @@ def serve_metrics(host: str, port: int) -> int:
     return int(start_metrics_server(host, port).server_address[1])
 
 
-def start_metrics_server(host: str, port: int) -> WSGIServer:
-    """:func:`serve_metrics`, returning the server (``shutdown()`` and ``server_close()`` stop it)."""
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry | None = None) -> WSGIServer:
+    """:func:`serve_metrics`, returning the server (``shutdown()`` and ``server_close()`` stop it).
+
+    ``registry``: what it serves (the default registry when None).
+    """
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=registry or REGISTRY)
     except OSError as exc:
         raise MetricsPortError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; "
                                "set metrics.metrics_port (0 picks a free port)") from exc

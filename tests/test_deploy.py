@@ -48,6 +48,16 @@ def promtool(*args: str | Path, cwd: Path = ROOT) -> str:
     return out
 
 
+def promtool_check_metrics(text: str) -> None:
+    """``promtool check metrics`` on an exposition text: its format and lint rules (units, counter names)."""
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool not found: install Debian's prometheus package "
+                    "(apt-get install --no-install-recommends prometheus; .ci/run does)")
+    proc = subprocess.run([exe, "check", "metrics"], input=text, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"promtool check metrics failed:\n{proc.stdout}{proc.stderr}"
+
+
 def rules() -> list[dict[str, Any]]:
     doc = yaml.safe_load((PROM / "rules.yml").read_text())
     return [rule for group in doc["groups"] for rule in group["rules"]]

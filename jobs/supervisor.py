@@ -1,0 +1,304 @@
+"""``nlpstream stream --workers N``: N stream-job processes of one consumer group under one supervisor.
+
+One Python process feeds about one fast GPU (see the README's Performance
+section); a host with several runs one worker per device. The supervisor:
+
+- starts each worker as its own process (``nlpstream stream-worker``) with
+  the same configuration, its share of an explicit device list
+  (:func:`split_devices`) and a private ``/metrics`` port on 127.0.0.1;
+  the workers join the same consumer group, so Kafka spreads the partitions
+  over them and every guarantee of one worker (files before commits,
+  rebalances, kill -9) holds for each;
+- restarts a worker that exits with anything but 0 (done: ``max_messages``
+  or ``idle_timeout``, which count per worker) or 2 (a configuration
+  mistake, which a restart cannot mend: every worker is stopped and the
+  supervisor exits 2), after a back-off that doubles from
+  :data:`FIRST_BACKOFF_S` up to :data:`LONGEST_BACKOFF_S` while the worker
+  keeps failing within :data:`HEALTHY_AFTER_S` of its start, as Kubernetes'
+  ``CrashLoopBackOff`` does;
+- serves one ``/metrics``: every worker's series with a ``worker`` label
+  (scraped from the workers in parallel at each scrape), plus
+  ``nlpstream_worker_up`` and ``nlpstream_worker_restarts_total``;
+- on SIGTERM or SIGINT sends SIGTERM to every worker (each finishes its
+  batch, flushes, commits and exits 0), restarts none, and exits with the
+  first non-zero exit code of a worker, else 0. Workers are started with the
+  kernel's parent-death signal set, so a supervisor killed with -9 takes
+  its workers with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nlpstream.supervisor")
+
+FIRST_BACKOFF_S = 1.0
+LONGEST_BACKOFF_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a worker that ran this long before failing restarts after the first back-off again
+CONFIG_EXIT_CODE = 2  # the CLI's exit for a configuration mistake: a restart cannot mend it
+SCRAPE_TIMEOUT_S = 3.0
+WORKER_ENV = "NLPSTREAM_WORKER"  # the worker's index, in its environment (and its log lines)
+SUPERVISOR_ENV = "NLPSTREAM_SUPERVISOR_PID"
+
+
+def split_devices(devices: str, workers: int) -> list[str]:
+    """Each worker's ``model.devices``: an explicit list (``cuda:0,cuda:1``) dealt out round robin.
+
+    With at least as many devices as workers, worker ``i`` gets devices ``i, i + workers, ...``; with
+    fewer, devices are shared (worker ``i`` gets device ``i mod n``). A single device or ``auto``,
+    ``cpu``, ``cuda`` is given to every worker as it is.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    parts = [d.strip() for d in devices.split(",") if d.strip()]
+    if len(parts) <= 1:
+        return [devices] * workers
+    return [",".join(parts[i::workers]) or parts[i % len(parts)] for i in range(workers)]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (a worker that loses it to a race exits 1 and is restarted on another)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def set_parent_death_signal() -> None:
+    """In a worker: have the kernel send SIGTERM when the supervisor dies (Linux; elsewhere nothing).
+
+    Exits at once when the supervisor is already gone (it died before the signal was set).
+    """
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # no glibc (musl): the worker outlives a supervisor killed with -9
+        return
+    if os.getppid() != int(supervisor):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class Worker:
+    """One worker process and what the supervisor knows of it."""
+
+    index: int
+    command: Callable[[int], list[str]]  # the command line, given the worker's /metrics port
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    port: int | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = FIRST_BACKOFF_S
+    restart_at: float | None = None
+    exit_code: int | None = None  # the final exit (no restart)
+    up: bool = False  # the last scrape of its /metrics answered
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(self.command(self.port), env=self.env)
+        self.started = time.monotonic()
+        self.restart_at = None
+        log.info("worker %d started (pid %d, /metrics on 127.0.0.1:%d)", self.index, self.proc.pid, self.port)
+
+
+@dataclass
+class Supervisor:
+    """Runs :class:`Worker` processes until each is done, restarting those that fail (see the module docstring)."""
+
+    workers: list[Worker]
+    poll_s: float = 0.2
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def stop(self) -> None:
+        """Ask every worker to finish (SIGTERM) and restart none; safe from a signal handler."""
+        self._stop.set()
+
+    def run(self) -> int:
+        with self._lock:
+            for worker in self.workers:
+                worker.start()
+        signalled = False
+        fatal: int | None = None
+        while True:
+            now = time.monotonic()
+            stopping = self._stop.is_set() or fatal is not None
+            if stopping and not signalled:
+                signalled = True
+                self._signal_all(signal.SIGTERM)
+            with self._lock:
+                for worker in self.workers:
+                    code = self._check(worker, now, stopping)
+                    fatal = code if fatal is None else fatal
+                if all(w.exit_code is not None for w in self.workers):
+                    break
+            if self._stop.is_set():
+                time.sleep(self.poll_s)
+            else:
+                self._stop.wait(self.poll_s)
+        if fatal is not None:
+            return fatal
+        code = next((w.exit_code for w in self.workers if w.exit_code), 0) or 0
+        return code if code >= 0 else 128 - code  # killed by a signal: the shell's 128 + signal number
+
+    def _check(self, worker: Worker, now: float, stopping: bool) -> int | None:
+        """Collect an exit and start a due restart; returns the code that ends the whole run, if any."""
+        if worker.exit_code is not None:
+            return None
+        if worker.proc is None or worker.restart_at is not None:  # waiting out a back-off
+            if stopping:
+                worker.exit_code, worker.restart_at = 0, None
+            elif worker.restart_at is not None and now >= worker.restart_at:
+                worker.start()
+            return None
+        code = worker.proc.poll()
+        if code is None:
+            return None
+        worker.up = False
+        if code == 0 or stopping:
+            worker.exit_code = code
+            log.info("worker %d exited with %d", worker.index, code)
+            return None
+        if code == CONFIG_EXIT_CODE:
+            worker.exit_code = code
+            log.error("worker %d exited with %d (a configuration mistake): stopping every worker", worker.index, code)
+            return code
+        ran = now - worker.started
+        worker.backoff = FIRST_BACKOFF_S if ran >= HEALTHY_AFTER_S else worker.backoff
+        worker.restarts += 1
+        worker.restart_at = now + worker.backoff
+        log.warning("worker %d exited with %d after %.1f s: restarting it in %.1f s (restart %d)",
+                    worker.index, code, ran, worker.backoff, worker.restarts)
+        worker.backoff = min(LONGEST_BACKOFF_S, worker.backoff * 2)
+        return None
+
+    def _signal_all(self, signum: int) -> None:
+        with self._lock:
+            for worker in self.workers:
+                if worker.proc is not None and worker.proc.poll() is None:
+                    worker.proc.send_signal(signum)
+
+    def kill_all(self) -> None:
+        """Kill every worker still running (the supervisor's own failure: leave no orphan behind)."""
+        with self._lock:
+            for worker in self.workers:
+                if worker.proc is not None and worker.proc.poll() is None:
+                    worker.proc.kill()
+                    worker.proc.wait()
+
+    def pids(self) -> dict[int, int]:
+        """Worker index -> pid of its running process."""
+        with self._lock:
+            return {w.index: w.proc.pid for w in self.workers if w.proc is not None and w.proc.poll() is None}
+
+    def endpoints(self) -> list[Worker]:
+        """The running workers, for a scrape."""
+        with self._lock:
+            return [w for w in self.workers if w.proc is not None and w.proc.poll() is None and w.port]
+
+
+def scrape(port: int, timeout_s: float = SCRAPE_TIMEOUT_S) -> str:
+    """The text of a worker's ``/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:  # noqa: S310
+        return response.read().decode("utf-8")
+
+
+class WorkersCollector:
+    """A prometheus-client collector: every worker's series with a ``worker`` label, and the workers' state."""
+
+    def __init__(self, supervisor: Supervisor, fetch: Callable[[int], str] = scrape) -> None:
+        self.supervisor = supervisor
+        self.fetch = fetch
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="nlpstream-scrape")
+
+    def _one(self, worker: Worker) -> tuple[Worker, str | None]:
+        try:
+            return worker, self.fetch(worker.port)  # type: ignore[arg-type]
+        except OSError:  # starting, stopping, or stuck: reported as nlpstream_worker_up 0
+            return worker, None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[tuple[str, str], Metric] = {}
+        answered: set[int] = set()
+        for worker, text in self._pool.map(self._one, self.supervisor.endpoints()):
+            if text is None:
+                continue
+            answered.add(worker.index)
+            for family in text_string_to_metric_families(text):
+                merged = families.get((family.name, family.type))
+                if merged is None:
+                    merged = families[(family.name, family.type)] = Metric(family.name, family.documentation,
+                                                                           family.type, family.unit)
+                merged.samples.extend(s._replace(labels={**s.labels, "worker": str(worker.index)})
+                                      for s in family.samples)
+        yield from families.values()
+        up = GaugeMetricFamily("nlpstream_worker_up", "1 when the worker's /metrics answered this scrape.",
+                               labels=["worker"])
+        restarts = CounterMetricFamily("nlpstream_worker_restarts", "Restarts of the worker after it failed.",
+                                       labels=["worker"])
+        for worker in self.supervisor.workers:
+            worker.up = worker.index in answered
+            up.add_metric([str(worker.index)], 1.0 if worker.up else 0.0)
+            restarts.add_metric([str(worker.index)], float(worker.restarts))
+        yield up
+        yield restarts
+
+
+def worker_command(config_file: Path | None, overrides: dict[str, Any], verbose: bool) -> Callable[[int], list[str]]:
+    """The command line of a worker given its /metrics port: ``nlpstream stream-worker`` with the same settings."""
+
+    def command(port: int) -> list[str]:
+        mine = {**overrides, "metrics.metrics_port": port, "metrics.metrics_host": "127.0.0.1"}
+        return [sys.executable, "-m", "nlpstream.jobs.cli", "stream-worker", "--overrides", json.dumps(mine),
+                *(("--config", str(config_file)) if config_file is not None else ()), *(("-v",) if verbose else ())]
+
+    return command
+
+
+def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], workers: int, verbose: bool) -> int:
+    """Run ``workers`` stream workers of ``cfg`` (a loaded :class:`StreamConfig`) until done; the exit code."""
+    from prometheus_client import CollectorRegistry
+
+    from nlpstream.jobs.metrics import start_metrics_server
+
+    supervisor = Supervisor([
+        Worker(i, worker_command(config_file, {**overrides, "model.devices": devices}, verbose),
+               dict(os.environ, **{WORKER_ENV: str(i), SUPERVISOR_ENV: str(os.getpid())}))
+        for i, devices in enumerate(split_devices(cfg.model.devices, workers))])
+    server = None
+    if cfg.metrics.metrics_port is not None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WorkersCollector(supervisor))
+        server = start_metrics_server(cfg.metrics.metrics_host, cfg.metrics.metrics_port, registry)
+        log.info("serving the workers' /metrics on %s:%d", cfg.metrics.metrics_host, server.server_address[1])
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.stop())
+    signal.signal(signal.SIGINT, lambda *_: supervisor.stop())
+    try:
+        return supervisor.run()
+    finally:
+        supervisor.kill_all()
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -35,7 +35,7 @@ from nlpstream.jobs.backfill_inputs import BackfillError
 from nlpstream.jobs.backfill_output import BackfillOutput, Range, next_undone
 from nlpstream.jobs.config import BackfillConfig
 from nlpstream.jobs.gc_tuning import tuned_gc
-from nlpstream.jobs.handling import decode_columns, decode_failure, inference_failure, labeled_columns
+from nlpstream.jobs.handling import decode_columns, decode_failure, inference_failure, labeled_columns, split_failed
 from nlpstream.jobs.stream import connection_settings
 
 log = logging.getLogger(__name__)
@@ -190,17 +190,12 @@ class KafkaBackfill:
         for start in range(0, len(good), CLASSIFY_CHUNK):
             part = good.select(list(range(start, min(start + CLASSIFY_CHUNK, len(good)))))
             now_ms = int(time.time() * 1000)
-            results = _classify_each(engine, part.texts)
-            failed = [i for i, p in enumerate(results) if isinstance(p, BaseException)]
-            for i in failed:
-                error_class, message, reason = inference_failure(results[i])
-                self._dlq.send(part.records[i], error_class, message)
-                dead[reason] += 1
             tracker.advance(len(part))
-            if failed:
-                failed_set = set(failed)
-                keep = [i for i in range(len(results)) if i not in failed_set]
-                part, results = part.select(keep), [results[i] for i in keep]
+            failed, part, results = split_failed(part, _classify_each(engine, part.texts))
+            for record, exc in failed:
+                error_class, message, reason = inference_failure(exc)
+                self._dlq.send(record, error_class, message)
+                dead[reason] += 1
             if len(part):
                 columns = labeled_columns(part, results, now_ms, engine.model_name, one_topic=True)
                 chunks.append(columns.chunk)

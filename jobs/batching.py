@@ -23,7 +23,7 @@ from nlpstream.inference import DeviceError, Prediction
 from nlpstream.jobs import metrics
 from nlpstream.jobs.alerts import AlertRules, LabeledMessage
 from nlpstream.jobs.checkpoint import Checkpoint
-from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure, inference_failure, labeled_columns
+from nlpstream.jobs.handling import DecodedBatch, decode_columns, decode_failure, inference_failure, labeled_columns, split_failed
 from nlpstream.jobs.shared import TP, Batch, SharedState
 from nlpstream.jobs.wiring import alert_key_fields
 
@@ -172,25 +172,21 @@ class Batches:
         """Dead-letter the texts that failed alone; buffer the rows of the others (one Arrow chunk, no object per
         row) and the alerts of those that may fire."""
         assert self._engine is not None
-        failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
-        if failed:
-            for i in failed:
-                self._checkpoint.dead_letter(good.records[i], *inference_failure(results[i]))  # type: ignore[arg-type]
-            failed_set = set(failed)
-            keep = [i for i in range(len(results)) if i not in failed_set]
-            good, results = good.select(keep), [results[i] for i in keep]
-            if not len(good):
-                return
+        failed, good, labeled_results = split_failed(good, results)
+        for record, exc in failed:
+            self._checkpoint.dead_letter(record, *inference_failure(exc))
+        if not len(good):
+            return
         records = good.records
         labeled: list[LabeledMessage] = []
         topics = {tp[0] for tp in batch.generations}
-        columns = labeled_columns(good, results, int(time.time() * 1000), self._engine.model_name,  # type: ignore[arg-type]
+        columns = labeled_columns(good, labeled_results, int(time.time() * 1000), self._engine.model_name,
                                   one_topic=len(topics) == 1)
         labels, scores, event_times, heads = columns.labels, columns.scores, columns.event_times, columns.heads
         names = list(heads)
         every = self._rules.needs_every_message()  # else only messages that may fire the message rule
         may_fire = self._rules.may_fire
-        alerting = range(len(results)) if every else [i for i, (label, score) in enumerate(zip(labels, scores))
+        alerting = range(len(labeled_results)) if every else [i for i, (label, score) in enumerate(zip(labels, scores))
                                                        if may_fire(label, score)]
         key_fields = self._key_fields
         for i in alerting:

@@ -160,6 +160,18 @@ def labeled_columns(good: DecodedBatch, results: list[Prediction], processed_at_
     return LabeledColumns(chunk, labels, scores, event_times, heads)
 
 
+def split_failed(good: DecodedBatch, results: list[Prediction | BaseException]
+                 ) -> tuple[list[tuple[InputRecord, BaseException]], DecodedBatch, list[Prediction]]:
+    """(the records whose text failed inference alone, with the error; the others; their predictions)."""
+    failed = [i for i, result in enumerate(results) if isinstance(result, BaseException)]
+    if not failed:
+        return [], good, results  # type: ignore[return-value]
+    failed_set = set(failed)
+    keep = [i for i in range(len(results)) if i not in failed_set]
+    return ([(good.records[i], results[i]) for i in failed],  # type: ignore[misc]
+            good.select(keep), [results[i] for i in keep])  # type: ignore[misc]
+
+
 def decode_failure(exc: DecodeError) -> tuple[str, str, str]:
     """(DLQ error class header, DLQ message header, metrics reason) of a record that cannot be decoded."""
     return f"DecodeError:{exc.kind}", str(exc), exc.kind

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nlpstream.consumers.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC
+from nlpstream.consumers.dlq import HEADER_CLASS, HEADER_MESSAGE, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC
 from nlpstream.jobs.backfill import BackfillError
 from nlpstream.jobs.backfill_kafka import KafkaBackfill
 from nlpstream.jobs.config import BackfillConfig, load_config
@@ -100,6 +100,33 @@ def test_replay_labels_exactly_the_time_range_dead_letters_bad_records_and_joins
     groups_after = {g[0] for g in admin.list_consumer_groups()}
     admin.close()
     assert groups_after == groups_before  # never joined or committed for any group
+
+
+def test_replay_dead_letters_a_text_that_fails_inference_alone_and_writes_the_others(
+        kafka_bootstrap, make_topic, unique, tmp_path):
+    topic = make_topic(f"{unique}-src", partitions=2)
+    inside = _fill(kafka_bootstrap, topic)
+    out = str(tmp_path / "out")
+    engine, _ = fake_engine(["cpu"], precision="fp32")
+    classify_each = engine.classify_each
+
+    def one_fails(texts: list[str]) -> list[object]:  # as the engine reports a text that fails on its own
+        return [RuntimeError("boom on this text") if text == "inside 2 on 1" else result
+                for text, result in zip(texts, classify_each(texts))]
+
+    engine.classify_each = one_fails
+    with engine:
+        job = KafkaBackfill(_cfg(kafka_bootstrap, topic, out, rows_per_file=3), topic, T0 + 100_000, T0 + 200_000)
+        assert job.plan() == 16
+        summary = job.run(engine)
+    assert summary.rows == 11 and summary.dead_lettered == 5
+    table = read_output(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(set(inside) - {"in-1-2"})
+    dead = read_topic(kafka_bootstrap, f"{topic}.dlq", expected=5)
+    failed = [dict(r.headers) for r in dead if dict(r.headers)[HEADER_CLASS] == b"RuntimeError"]
+    assert len(dead) == 5 and len(failed) == 1
+    assert (failed[0][HEADER_PARTITION], failed[0][HEADER_OFFSET]) == (b"1", b"7")
+    assert failed[0][HEADER_MESSAGE] == b"classification failed: boom on this text"
 
 
 def test_cli_errors_unreachable_broker_and_empty_range_are_one_line_exit_1(kafka_bootstrap, make_topic, unique,

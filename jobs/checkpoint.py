@@ -47,8 +47,8 @@ from nlpstream.consumers.dlq import DeadLetterError, DeadLetterQueue
 from nlpstream.jobs import metrics
 from nlpstream.jobs.shared import LOGGER_NAME, MAX_BACKOFF_S, TP, SharedState
 from nlpstream.jobs.transactions import TransactionError
-from nlpstream.sinks import AlertSink, OutputRow, SinkError
-from nlpstream.sinks.chunks import rows_chunk, without
+from nlpstream.sinks import AlertSink, SinkError
+from nlpstream.sinks.chunks import without
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -122,10 +122,6 @@ class Checkpoint:
         else:
             self._dlq.send(record, error_class, message)
         self._open.dead_letters.append((record.topic, reason))
-
-    def write_rows(self, rows: list[OutputRow]) -> None:
-        """Buffer rows given as objects (see :meth:`write_chunk`)."""
-        self.write_chunk(rows_chunk(rows))
 
     def write_chunk(self, chunk: Any) -> None:
         """Buffer an Arrow chunk of rows (:func:`nlpstream.sinks.chunks.columns_chunk`)."""

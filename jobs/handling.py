@@ -1,8 +1,8 @@
 """How a Kafka record becomes a row or a dead letter: shared by the stream job and the Kafka backfill.
 
 Pure helpers over plain data (no state): decoding a batch, the DLQ error
-class and message of each kind of failure, and the output row of a labeled
-record. Both jobs call these so that a record is decoded, dead-lettered and
+class and message of each kind of failure, and the output rows of labeled
+records. Both jobs call these so that a record is decoded, dead-lettered and
 written the same way whichever job reads it.
 """
 
@@ -139,7 +139,7 @@ class LabeledColumns:
 
 def labeled_columns(good: DecodedBatch, results: list[Prediction], processed_at_ms: int, model: str,
                     one_topic: bool = False) -> LabeledColumns:
-    """The rows of labeled records (what :func:`output_row` gives per record), built a column at a time.
+    """The rows of labeled records (the columns of :class:`~nlpstream.sinks.OutputRow`), built a column at a time.
 
     The event time is the record's Kafka timestamp, or ``processed_at_ms`` when it has none; the first
     result names the further heads. ``one_topic``: the caller knows every record is of the first one's topic.
@@ -180,15 +180,3 @@ def decode_failure(exc: DecodeError) -> tuple[str, str, str]:
 def inference_failure(exc: BaseException) -> tuple[str, str, str]:
     """(DLQ error class header, DLQ message header, metrics reason) of a text the model fails on alone."""
     return type(exc).__name__, f"classification failed: {exc}", INFERENCE_REASON
-
-
-def output_row(decoded: DecodedText, result: Prediction, processed_at_ms: int, model: str) -> OutputRow:
-    """The output row of one labeled record: Kafka position, id, text, every head's label and score.
-
-    The event time is the record's Kafka timestamp, or ``processed_at_ms`` when it has none.
-    """
-    rec = decoded.record
-    more = getattr(result, "heads", None)
-    heads = tuple((name, h.label, h.score) for name, h in more.items()) if more else ()
-    return OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label, result.score,
-                     rec.timestamp_ms or processed_at_ms, processed_at_ms, model, heads=heads)

@@ -6,6 +6,9 @@ import json
 import pytest
 
 from nlpstream.consumers import DecodeSettings, InputRecord
+from nlpstream.consumers.records import DecodedText
+from nlpstream.inference import Prediction
+from nlpstream.sinks import OutputRow
 from nlpstream.jobs.handling import decode_batch, decode_columns
 
 VALUES = [
@@ -89,7 +92,7 @@ def test_labeled_columns_hold_what_output_row_gives_record_by_record():
     a record without a Kafka timestamp, a NaN score, a further head."""
     from types import SimpleNamespace
 
-    from nlpstream.jobs.handling import labeled_columns, output_row
+    from nlpstream.jobs.handling import labeled_columns
     from nlpstream.sinks.chunks import rows_chunk
 
     records = [InputRecord("a", 0, 5, None, b'{"id": "x", "text": "one"}', 1_700_000_000_000),
@@ -106,3 +109,16 @@ def test_labeled_columns_hold_what_output_row_gives_record_by_record():
     assert str(got.chunk.to_pylist()) == str(want.to_pylist())  # str: NaN equals itself
     assert got.labels == ["positive", "negative"] and list(got.event_times) == [1_700_000_000_000, 1_800_000_000_000]
     assert got.heads == {"topic": (["billing", "account"], [0.5, 0.25])}
+
+
+def output_row(decoded: DecodedText, result: Prediction, processed_at_ms: int, model: str) -> OutputRow:
+    """The reference: the output row of one labeled record, built as the job built each row before columns.
+
+    Kafka position, id, text, every head's label and score; the event time is the record's Kafka timestamp,
+    or ``processed_at_ms`` when it has none.
+    """
+    rec = decoded.record
+    more = getattr(result, "heads", None)
+    heads = tuple((name, h.label, h.score) for name, h in more.items()) if more else ()
+    return OutputRow(rec.topic, rec.partition, rec.offset, decoded.id, decoded.text, result.label, result.score,
+                     rec.timestamp_ms or processed_at_ms, processed_at_ms, model, heads=heads)

@@ -22,6 +22,7 @@ from nlpstream.jobs.rebalance import Rebalance
 from nlpstream.jobs.shared import Batch, SharedState
 from nlpstream.jobs.transactions import TransactionError
 from nlpstream.sinks import OutputRow, SinkWriteError
+from nlpstream.sinks.chunks import rows_chunk
 
 T0, T1 = ("t", 0), ("t", 1)
 
@@ -314,7 +315,7 @@ def test_flush_makes_dead_letters_then_files_then_alerts_durable_before_anything
 @pytest.mark.parametrize("fail", ["dlq", "files"])
 def test_a_failed_flush_commits_nothing_and_keeps_the_counts(fail):
     state, checkpoint, calls, _ = _parts(fail_files=fail == "files", fail_dlq=fail == "dlq")
-    checkpoint.write_rows([])
+    checkpoint.write_chunk(rows_chunk([]))
     checkpoint.dead_letter(_record(0), "DecodeError:json", "bad", "json")
     state.ledger.accept_run(T0, [0])
     state.ledger.handled(T0, 0)
@@ -332,7 +333,7 @@ def test_flush_counts_labeled_rows_and_dead_letters_once_durable():
     from nlpstream.sinks import OutputRow
 
     rows = [OutputRow("t", 0, i, f"r{i}", "x", "positive", 0.9, 1000, 1000, "m") for i in range(3)]
-    checkpoint.write_rows(rows)
+    checkpoint.write_chunk(rows_chunk(rows))
     checkpoint.dead_letter(_record(3), "DecodeError:json", "bad", "json")
     assert state.summary.labeled == 0
     assert checkpoint.flush()
@@ -344,7 +345,7 @@ def test_discard_drops_what_is_not_durable_of_one_partition_only():
     state, checkpoint, _, _ = _parts(assigned=[T0, T1])
     from nlpstream.sinks import OutputRow
 
-    checkpoint.write_rows([OutputRow("t", p, 0, "r", "x", "positive", 0.9, 1000, 1000, "m") for p in (0, 1)])
+    checkpoint.write_chunk(rows_chunk([OutputRow("t", p, 0, "r", "x", "positive", 0.9, 1000, 1000, "m") for p in (0, 1)]))
     for tp in (T0, T1):
         state.ledger.accept_run(tp, [0])
         state.ledger.handled(tp, 0)
@@ -358,7 +359,7 @@ def _handle(state, checkpoint, tp, offsets, label="positive"):
     """What the batching part does for labeled records: rows written, offsets handled."""
     from nlpstream.sinks import OutputRow
 
-    checkpoint.write_rows([OutputRow(tp[0], tp[1], o, f"r{o}", "x", label, 0.9, 1000, 1000, "m") for o in offsets])
+    checkpoint.write_chunk(rows_chunk([OutputRow(tp[0], tp[1], o, f"r{o}", "x", label, 0.9, 1000, 1000, "m") for o in offsets]))
     state.ledger.accept_run(tp, offsets)
     state.ledger.handled(tp, offsets[-1])
 
@@ -761,7 +762,7 @@ def test_backpressure_pauses_fetching_only_while_flushes_fail():
     state.config.output.max_buffered_rows = 2
     job = StreamJob(state.config)
     job._state, job._checkpoint = state, checkpoint
-    checkpoint.write_rows([OutputRow("t", 0, o, f"r{o}", "x", "positive", 0.9, 1000, 1000, "m") for o in range(4)])
+    checkpoint.write_chunk(rows_chunk([OutputRow("t", 0, o, f"r{o}", "x", "positive", 0.9, 1000, 1000, "m") for o in range(4)]))
     state.ledger.handled(T0, 3)
     job._apply_backpressure()
     assert not state.paused and state.input.paused == set(), "a flush that has not failed pauses nothing"

@@ -21,7 +21,7 @@ from nlpstream.consumers import DecodeSettings
 from nlpstream.consumers.client_config import (ConnectionSettings, connect_error, quiet_topic_creation,
                                                 wait_for_kafka)
 from nlpstream.consumers.errors import DECODE_KINDS, KafkaUnavailableError
-from nlpstream.consumers.dlq import DeadLetterQueue
+from nlpstream.consumers.dlq import DeadLetterQueue, resend_failed
 from nlpstream.consumers.kafka_input import ConsumerSettings
 from nlpstream.consumers.schema_registry import REGISTRY_FORMATS, RegistryDecoder
 from nlpstream.inference import Engine, load_engine
@@ -155,7 +155,7 @@ def wire(cfg: StreamConfig, engine: Engine | None) -> Parts:
             except (KafkaError, OSError) as exc:
                 raise KafkaUnavailableError(f"alert producer: {connect_error(conn, exc)}") from exc
             built.callback(alert_producer.close)
-            alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic))
+            alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic, resend_failed))
         built.pop_all()  # every part built: the job closes them
     settings = ConsumerSettings(
         topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,

@@ -14,12 +14,11 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from nlpstream.consumers.dlq import resend_failed
 from nlpstream.sinks import metrics
 from nlpstream.sinks.errors import SinkWriteError
 
@@ -141,12 +140,18 @@ class KafkaAlertSink:
     """Sends alerts to a Kafka topic, keyed by alert id; acknowledged when flush returns.
 
     ``producer`` is a ``kafka.KafkaProducer`` (or anything with ``send`` and
-    ``flush``) owned by the caller.
+    ``flush``) owned by the caller. ``resend(producer, topic, sent,
+    timeout_s)`` waits for the ``(message, future)`` pairs of a flush and
+    sends again those that failed, raising the first failure
+    (:func:`nlpstream.consumers.dlq.resend_failed`, which the job passes in:
+    sinks and consumers do not import each other).
     """
 
-    def __init__(self, producer: Any, topic: str, flush_timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Any, topic: str, resend: Callable[[Any, str, list[Any], float], Any],
+                 flush_timeout_s: float = 30.0) -> None:
         self.producer = producer
         self.topic = topic
+        self._resend = resend
         self.flush_timeout_s = flush_timeout_s
         self._seen = _SeenIds()
         metrics.ALERTS_SENT.labels("kafka")
@@ -172,7 +177,7 @@ class KafkaAlertSink:
         if not self._sealed:
             return
         try:
-            resend_failed(self.producer, self.topic, self._sealed, self.flush_timeout_s)
+            self._resend(self.producer, self.topic, self._sealed, self.flush_timeout_s)
         except Exception as exc:  # noqa: BLE001 - kafka-python raises many types; translated here
             raise SinkWriteError(f"cannot deliver alerts to topic {self.topic!r}: {exc}") from exc
         metrics.ALERTS_SENT.labels("kafka").inc(len(self._sealed))

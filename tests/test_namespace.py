@@ -21,3 +21,28 @@ def test_packages_import_as_nlpstream_and_leave_no_top_level_names(tmp_path):
     top_level, engine_file = proc.stdout.splitlines()[-2:]
     assert top_level == "[]"
     assert Path(engine_file).resolve() == ROOT / "inference" / "engine.py"
+
+
+def test_consumers_inference_and_sinks_never_import_each_other():
+    """DESIGN: dependencies point one way, jobs -> {consumers, inference, sinks}; those three exchange plain
+    data and are wired together by jobs (a function one needs from another is passed in)."""
+    import ast
+
+    packages = ("consumers", "inference", "sinks")
+    crossing = []
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:  # from nlpstream import sinks, too
+                    names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "nlpstream" \
+                        else [node.module or ""]
+                else:
+                    continue
+                for name in names:
+                    parts = name.split(".")
+                    target = parts[1] if parts[0] == "nlpstream" and len(parts) > 1 else None
+                    if target in packages and target != package:
+                        crossing.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+    assert crossing == []

@@ -118,11 +118,17 @@ def stream(
     }
     cfg = _stream_config(config, overrides)
     if cfg.workers > 1:
-        from nlpstream.jobs.supervisor import split_devices, supervise
+        from nlpstream.jobs.metrics import MetricsPortError
+        from nlpstream.jobs.supervisor import supervise, worker_devices
 
-        for devices in sorted(set(split_devices(cfg.model.devices, cfg.workers))):  # fail once, not once a worker
+        for devices in sorted(set(worker_devices(cfg.model.devices, cfg.workers))):  # fail once, not per worker
             _preflight(cfg.model.model, devices, cfg.model.precision)
-        raise typer.Exit(supervise(cfg, config, overrides, cfg.workers, verbose))
+        try:
+            code = supervise(cfg, config, overrides, cfg.workers, verbose)
+        except MetricsPortError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        raise typer.Exit(code)
     _run_stream(cfg)
 
 

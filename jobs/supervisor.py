@@ -5,7 +5,9 @@ section); a host with several runs one worker per device. The supervisor:
 
 - starts each worker as its own process (``nlpstream stream-worker``) with
   the same configuration, its share of an explicit device list
-  (:func:`split_devices`) and a private ``/metrics`` port on 127.0.0.1;
+  (:func:`split_devices`; ``cuda`` and ``auto`` on a machine with GPUs
+  count as the list of them all) and a private ``/metrics`` port on
+  127.0.0.1;
   the workers join the same consumer group, so Kafka spreads the partitions
   over them and every guarantee of one worker (files before commits,
   rebalances, kill -9) holds for each;
@@ -68,6 +70,24 @@ def split_devices(devices: str, workers: int) -> list[str]:
     if len(parts) <= 1:
         return [devices] * workers
     return [",".join(parts[i::workers]) or parts[i % len(parts)] for i in range(workers)]
+
+
+def expand_devices(devices: str, gpus: int) -> str:
+    """``cuda`` or ``auto`` on a machine with ``gpus`` > 0 GPUs: the explicit list ``cuda:0,...`` (so that
+    :func:`split_devices` gives each worker its own); anything else as it is."""
+    if devices.strip() in ("cuda", "auto") and gpus > 0:
+        return ",".join(f"cuda:{i}" for i in range(gpus))
+    return devices
+
+
+def gpu_count() -> int:
+    """CUDA devices torch sees here (0 without torch's CUDA)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken CUDA install: the workers' own checks report it
+        return 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -277,6 +297,11 @@ def worker_command(config_file: Path | None, overrides: dict[str, Any], verbose:
     return command
 
 
+def worker_devices(devices: str, workers: int) -> list[str]:
+    """Each worker's ``model.devices``: ``cuda``/``auto`` made explicit where GPUs are, then dealt out."""
+    return split_devices(expand_devices(devices, gpu_count() if workers > 1 else 0), workers)
+
+
 def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], workers: int, verbose: bool) -> int:
     """Run ``workers`` stream workers of ``cfg`` (a loaded :class:`StreamConfig`) until done; the exit code."""
     from prometheus_client import CollectorRegistry
@@ -286,7 +311,7 @@ def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], wor
     supervisor = Supervisor([
         Worker(i, worker_command(config_file, {**overrides, "model.devices": devices}, verbose),
                dict(os.environ, **{WORKER_ENV: str(i), SUPERVISOR_ENV: str(os.getpid())}))
-        for i, devices in enumerate(split_devices(cfg.model.devices, workers))])
+        for i, devices in enumerate(worker_devices(cfg.model.devices, workers))])
     server = None
     if cfg.metrics.metrics_port is not None:
         registry = CollectorRegistry(auto_describe=False)

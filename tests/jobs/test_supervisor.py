@@ -32,6 +32,31 @@ def test_split_devices_deals_an_explicit_list_out_round_robin() -> None:
         split_devices("cpu", 0)
 
 
+def test_cuda_and_auto_on_a_machine_with_gpus_mean_every_gpu() -> None:
+    from nlpstream.jobs.supervisor import expand_devices
+
+    assert expand_devices("cuda", 4) == "cuda:0,cuda:1,cuda:2,cuda:3"
+    assert split_devices(expand_devices("auto", 2), 2) == ["cuda:0", "cuda:1"]
+    assert expand_devices("auto", 0) == "auto" and expand_devices("cuda", 0) == "cuda"  # no GPU here
+    assert expand_devices("cuda:1", 4) == "cuda:1" and expand_devices("cpu", 4) == "cpu"
+
+
+def test_a_taken_metrics_port_is_one_error_line_and_starts_no_worker(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "nlpstream.jobs.cli", "stream", "--bootstrap-servers", "127.0.0.1:1",
+             "--topic", "t", "--output", str(tmp_path / "out"), "--devices", "cpu", "--workers", "2",
+             "--metrics-port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot serve /metrics on 127.0.0.1:")
+    assert "worker 0 started" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def _python(code: str) -> Any:
     """A worker command running ``code`` (its /metrics port is ignored)."""
     return lambda port: [sys.executable, "-c", textwrap.dedent(code)]

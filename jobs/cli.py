@@ -457,6 +457,7 @@ def bench(
     bootstrap_servers: Annotated[Optional[str], typer.Option(help="--pipeline: broker to use (default: start a local one).")] = None,
     messages: Annotated[int, typer.Option(help="--pipeline: messages on the bench topic.")] = 200_000,
     model_messages: Annotated[int, typer.Option(help="--pipeline: messages for the builtin-model run (0 skips it).")] = 3000,
+    processes: Annotated[Optional[int], typer.Option(help="--pipeline: processes of one group for the several-process row (default: the cores, at most the partitions; 1 leaves it out).")] = None,
     heads: Annotated[bool, typer.Option("--heads", help="Time one head against two heads sharing the backbone instead.")] = False,
 ) -> None:
     """Compare the engine with transformers.pipeline, ONNX Runtime int8 and OpenVINO bf16 (CPU), measure GPUs,
@@ -465,7 +466,8 @@ def bench(
     if pipeline:
         from nlpstream.jobs.pipeline_bench import run_pipeline_bench
 
-        out = run_pipeline_bench(bootstrap_servers, messages, model_messages=model_messages, echo=typer.echo)
+        out = run_pipeline_bench(bootstrap_servers, messages, model_messages=model_messages, processes=processes,
+                                 echo=typer.echo)
         if json_out is not None:
             json_out.write_text(json.dumps(out, indent=2))
         return

@@ -7,8 +7,10 @@ On one topic of JSON messages on a real broker (the local launcher unless
    client side);
 2. the stream job with an *instant* engine (labels without computing):
    everything the job does besides inference, with each consumer client
-   (``kafka.client``: kafka-python, the default, and confluent); 1. and 2.
-   run in ``rounds`` alternating rounds, best of each;
+   (``kafka.client``: kafka-python, the default, and confluent), and with
+   confluent as several processes of one consumer group (what ``nlpstream
+   stream --workers N`` runs; one per core by default); 1. and 2. run in
+   ``rounds`` alternating rounds, best of each;
 3. the stream job with a *simulated device* that sleeps ``len(texts) / D``
    seconds per call (sleeping releases the GIL, as a GPU does), ``D`` set to
    ``device_share`` (0.6) of the instant rate: the share of time the device is
@@ -168,6 +170,68 @@ def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path, depth: 
         "kafka.client": client, "output.background_flush": background_flush})
     cfg.metrics.metrics_port = None
     return StreamJob(cfg, engine=engine).run()
+
+
+def _job_process() -> None:
+    """One of :func:`_jobs_in_processes`' processes (``python -c``): the job with an instant engine.
+
+    Its argument is JSON (bootstrap, topic, group, output); it says ``ready`` on stdout once configured,
+    starts on a line on stdin, stops after 2 idle seconds once the topic is read, and prints its
+    engine's [first call, last call, texts] as JSON.
+    """
+    import sys
+
+    from nlpstream.jobs.config import StreamConfig, load_config
+    from nlpstream.jobs.stream import StreamJob
+
+    bootstrap, topic, group, out = json.loads(sys.argv[1])
+    cfg = load_config(StreamConfig, None, {
+        "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": group,
+        "output.output": out, "idle_timeout": 2.0, "kafka.client": "confluent"})
+    cfg.metrics.metrics_port = None
+    engine = StandInEngine()
+    print("ready", flush=True)
+    sys.stdin.readline()  # every process imported and configured: they join the group together
+    StreamJob(cfg, engine=engine).run()
+    print(json.dumps([engine.first, engine.last, engine.texts]), flush=True)
+
+
+def _jobs_in_processes(bootstrap: str, topic: str, processes: int, out: Path) -> tuple[float, int]:
+    """The confluent job as ``processes`` processes of one group (what ``--workers`` runs), instant engines.
+
+    Returns (messages/s from the first engine call of any process to the last, messages labeled).
+    """
+    import subprocess
+    import sys
+
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    code = "from nlpstream.jobs.pipeline_bench import _job_process; _job_process()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([bootstrap, topic, group, str(out)])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    try:
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError(f"a bench job process failed to start (exit {proc.wait(60)})")
+        for proc in procs:
+            proc.stdin.write("go\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        ends = []
+        for proc in procs:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"a bench job process failed (exit {proc.wait(60)})")
+            ends.append(json.loads(line))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    firsts = [first for first, _, texts in ends if first is not None and texts]
+    texts = sum(t for _, _, t in ends)
+    window = max(last for _, last, _ in ends) - min(firsts) if firsts else 0.0
+    return (texts / window if window > 0 else 0.0), texts
 
 
 def _engine_host_side(texts: list[str], rounds: int = 3) -> dict[str, float]:
@@ -332,8 +396,15 @@ def decode_rates(texts: list[str]) -> dict[str, float]:
 
 def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, partitions: int = 6,
                        device_share: float = 0.6, model_messages: int = 3000, rounds: int = 2,
-                       echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the measurements above in one go; returns the figures and ratios (see the module docstring)."""
+                       processes: int | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the measurements above in one go; returns the figures and ratios (see the module docstring).
+
+    ``processes``: how many processes of one group the several-process row runs (default: the machine's
+    cores, at most ``partitions``; 1 leaves the row out).
+    """
+    import os
+
+    processes = processes if processes is not None else max(1, min(os.cpu_count() or 1, partitions))
     broker_dir = None
     if bootstrap is None:
         from nlpstream.consumers import kafka_local
@@ -348,6 +419,7 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
         with tempfile.TemporaryDirectory() as tmp:
             # alternating rounds, best of each: the bare consumer's figure swings with the machine's load
             bare, best = 0.0, {"kafka-python": StandInEngine(), "confluent": StandInEngine()}
+            several, several_texts = 0.0, 0
             for r in range(rounds):
                 bare = max(bare, _bare_consumer_rate(bootstrap, topic, messages))
                 for client in best:
@@ -355,6 +427,10 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
                     _run_job(bootstrap, topic, messages, engine, Path(tmp) / f"instant-{client}-{r}", client=client)
                     if engine.rate() > best[client].rate():
                         best[client] = engine
+                if processes > 1:
+                    rate, texts_done = _jobs_in_processes(bootstrap, topic, processes,
+                                                          Path(tmp) / f"processes-{r}")
+                    several, several_texts = (rate, texts_done) if rate > several else (several, several_texts)
             instant, confluent = best["kafka-python"], best["confluent"]
             result["bare_confluent_consumer_msgs_per_s"] = round(bare, 1)
             echo(f"  bare confluent-kafka consumer        {bare:>10.1f} msg/s (best of {rounds})")
@@ -368,6 +444,15 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
             echo(f"  the same, kafka.client confluent    {confluent.rate():>10.1f} msg/s "
                  f"({result['job_instant_confluent_client_vs_bare_consumer']}x the bare consumer, "
                  f"{result['job_instant_confluent_vs_kafka_python_client']}x kafka-python)")
+            if processes > 1:
+                result["job_instant_confluent_processes"] = processes
+                result["job_instant_confluent_processes_msgs_per_s"] = round(several, 1)
+                result["job_instant_confluent_processes_messages"] = several_texts
+                result["job_instant_confluent_processes_vs_bare_consumer"] = round(several / bare, 3)
+                result["job_instant_confluent_processes_vs_one_process"] = round(several / confluent.rate(), 3)
+                echo(f"  the same, {processes} processes in one group {several:>10.1f} msg/s "
+                     f"({result['job_instant_confluent_processes_vs_bare_consumer']}x the bare consumer, "
+                     f"{result['job_instant_confluent_processes_vs_one_process']}x one process)")
             device_rate = device_share * instant.rate()
             result["simulated_device_texts_per_s"] = round(device_rate, 1)
             for depth, background, key, what in (

@@ -10,14 +10,16 @@ pytestmark = [pytest.mark.kafka, pytest.mark.model]
 
 
 def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
-    out = run_pipeline_bench(kafka_bootstrap, messages=3000, partitions=3, model_messages=120, rounds=1, echo=print)
+    out = run_pipeline_bench(kafka_bootstrap, messages=3000, partitions=3, model_messages=120, rounds=1, processes=2, echo=print)
     for key in ("bare_confluent_consumer_msgs_per_s", "job_instant_engine_msgs_per_s",
                 "job_instant_engine_confluent_client_msgs_per_s", "simulated_device_texts_per_s",
                 "engine_instant_runner_texts_per_s", "engine_instant_runner_cpu_limits_texts_per_s", "tokenizer_texts_per_s", "model_engine_alone_texts_per_s",
                 "model_job_msgs_per_s", "decode_json_records_per_s", "decode_avro_records_per_s",
                 "decode_json_schema_records_per_s", "decode_protobuf_records_per_s",
-                "decode_json_columns_records_per_s"):
+                "decode_json_columns_records_per_s", "job_instant_confluent_processes_msgs_per_s"):
         assert out[key] > 0, key
+    assert out["job_instant_confluent_processes"] == 2
+    assert out["job_instant_confluent_processes_messages"] == 3000  # the two processes labeled the topic once
     for key in ("simulated_device_busy_share", "simulated_device_busy_share_unpipelined",
                 "simulated_device_busy_share_flush_on_loop"):
         assert 0 < out[key] <= 1.05, key

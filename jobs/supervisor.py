@@ -12,18 +12,20 @@ section); a host with several runs one worker per device. The supervisor:
   over them and every guarantee of one worker (files before commits,
   rebalances, kill -9) holds for each;
 - restarts a worker that exits with anything but 0 (done: ``max_messages``
-  or ``idle_timeout``, which count per worker) or 2 (a configuration
+  or ``idle_timeout``, which count per worker run) or 2 (a configuration
   mistake, which a restart cannot mend: every worker is stopped and the
   supervisor exits 2), after a back-off that doubles from
   :data:`FIRST_BACKOFF_S` up to :data:`LONGEST_BACKOFF_S` while the worker
   keeps failing within :data:`HEALTHY_AFTER_S` of its start, as Kubernetes'
-  ``CrashLoopBackOff`` does;
+  ``CrashLoopBackOff`` does; :data:`CRASH_LOOP_LIMIT` such quick failures
+  in a row (a model that cannot load, an output that cannot be written)
+  stop every worker, and the supervisor exits with the last code;
 - serves one ``/metrics``: every worker's series with a ``worker`` label
   (scraped from the workers in parallel at each scrape), plus
   ``nlpstream_worker_up`` and ``nlpstream_worker_restarts_total``;
 - on SIGTERM or SIGINT sends SIGTERM to every worker (each finishes its
   batch, flushes, commits and exits 0), restarts none, and exits with the
-  first non-zero exit code of a worker, else 0. Workers are started with the
+  exit code of the lowest-numbered worker that did not exit 0, else 0. Workers are started with the
   kernel's parent-death signal set, so a supervisor killed with -9 takes
   its workers with it.
 """
@@ -51,10 +53,13 @@ log = logging.getLogger("nlpstream.supervisor")
 FIRST_BACKOFF_S = 1.0
 LONGEST_BACKOFF_S = 30.0
 HEALTHY_AFTER_S = 60.0  # a worker that ran this long before failing restarts after the first back-off again
+CRASH_LOOP_LIMIT = 5  # this many quick failures in a row of one worker stop every worker (exit: its code)
 CONFIG_EXIT_CODE = 2  # the CLI's exit for a configuration mistake: a restart cannot mend it
 SCRAPE_TIMEOUT_S = 3.0
 WORKER_ENV = "NLPSTREAM_WORKER"  # the worker's index, in its environment (and its log lines)
 SUPERVISOR_ENV = "NLPSTREAM_SUPERVISOR_PID"
+WORKER_UP = "nlpstream_worker_up"  # the supervisor's own series (a gauge and a counter, label worker)
+WORKER_RESTARTS = "nlpstream_worker_restarts"  # exposed as ..._total
 
 
 def split_devices(devices: str, workers: int) -> list[str]:
@@ -127,17 +132,20 @@ class Worker:
     port: int | None = None
     started: float = 0.0
     restarts: int = 0
+    quick_failures: int = 0  # failures in a row, each within HEALTHY_AFTER_S of its start
     backoff: float = FIRST_BACKOFF_S
     restart_at: float | None = None
     exit_code: int | None = None  # the final exit (no restart)
     up: bool = False  # the last scrape of its /metrics answered
+    serves_metrics: bool = True
 
     def start(self) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(self.command(self.port), env=self.env)
         self.started = time.monotonic()
         self.restart_at = None
-        log.info("worker %d started (pid %d, /metrics on 127.0.0.1:%d)", self.index, self.proc.pid, self.port)
+        log.info("worker %d started (pid %d%s)", self.index, self.proc.pid,
+                 f", /metrics on 127.0.0.1:{self.port}" if self.serves_metrics else "")
 
 
 @dataclass
@@ -146,12 +154,12 @@ class Supervisor:
 
     workers: list[Worker]
     poll_s: float = 0.2
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _stopping: bool = False  # a plain flag: a signal handler taking a lock could wait on the loop for ever
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def stop(self) -> None:
         """Ask every worker to finish (SIGTERM) and restart none; safe from a signal handler."""
-        self._stop.set()
+        self._stopping = True
 
     def run(self) -> int:
         with self._lock:
@@ -161,7 +169,7 @@ class Supervisor:
         fatal: int | None = None
         while True:
             now = time.monotonic()
-            stopping = self._stop.is_set() or fatal is not None
+            stopping = self._stopping or fatal is not None
             if stopping and not signalled:
                 signalled = True
                 self._signal_all(signal.SIGTERM)
@@ -171,13 +179,10 @@ class Supervisor:
                     fatal = code if fatal is None else fatal
                 if all(w.exit_code is not None for w in self.workers):
                     break
-            if self._stop.is_set():
-                time.sleep(self.poll_s)
-            else:
-                self._stop.wait(self.poll_s)
+            time.sleep(self.poll_s)
         if fatal is not None:
             return fatal
-        code = next((w.exit_code for w in self.workers if w.exit_code), 0) or 0
+        code = next((w.exit_code for w in self.workers if w.exit_code), 0) or 0  # the lowest-numbered worker's
         return code if code >= 0 else 128 - code  # killed by a signal: the shell's 128 + signal number
 
     def _check(self, worker: Worker, now: float, stopping: bool) -> int | None:
@@ -194,6 +199,8 @@ class Supervisor:
         if code is None:
             return None
         worker.up = False
+        if stopping and code == -signal.SIGTERM:  # still starting when told to stop: its handler was not set yet
+            code = 0
         if code == 0 or stopping:
             worker.exit_code = code
             log.info("worker %d exited with %d", worker.index, code)
@@ -203,6 +210,12 @@ class Supervisor:
             log.error("worker %d exited with %d (a configuration mistake): stopping every worker", worker.index, code)
             return code
         ran = now - worker.started
+        worker.quick_failures = 0 if ran >= HEALTHY_AFTER_S else worker.quick_failures + 1
+        if worker.quick_failures >= CRASH_LOOP_LIMIT:  # a model that cannot load, an unusable output...
+            worker.exit_code = code
+            log.error("worker %d failed %d times in a row within %.0f s of its start (last exit %d): stopping every "
+                      "worker", worker.index, worker.quick_failures, HEALTHY_AFTER_S, code)
+            return code if code > 0 else 128 - code
         worker.backoff = FIRST_BACKOFF_S if ran >= HEALTHY_AFTER_S else worker.backoff
         worker.restarts += 1
         worker.restart_at = now + worker.backoff
@@ -237,8 +250,11 @@ class Supervisor:
 
 
 def scrape(port: int, timeout_s: float = SCRAPE_TIMEOUT_S) -> str:
-    """The text of a worker's ``/metrics``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:  # noqa: S310
+    """A worker's ``/metrics`` in the OpenMetrics format (whose counters carry their ``_created`` samples, so
+    the merged page is valid in both formats the supervisor serves)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 - our own worker
         return response.read().decode("utf-8")
 
 
@@ -248,25 +264,27 @@ class WorkersCollector:
     def __init__(self, supervisor: Supervisor, fetch: Callable[[int], str] = scrape) -> None:
         self.supervisor = supervisor
         self.fetch = fetch
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="nlpstream-scrape")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(supervisor.workers)),
+                                        thread_name_prefix="nlpstream-scrape")
 
-    def _one(self, worker: Worker) -> tuple[Worker, str | None]:
+    def _one(self, worker: Worker) -> tuple[Worker, list[Any] | None]:
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
         try:
-            return worker, self.fetch(worker.port)  # type: ignore[arg-type]
-        except OSError:  # starting, stopping, or stuck: reported as nlpstream_worker_up 0
+            return worker, list(text_string_to_metric_families(self.fetch(worker.port)))  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - starting, stopping, stuck or cut off mid-answer: nlpstream_worker_up 0
             return worker, None
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-        from prometheus_client.parser import text_string_to_metric_families
 
         families: dict[tuple[str, str], Metric] = {}
         answered: set[int] = set()
-        for worker, text in self._pool.map(self._one, self.supervisor.endpoints()):
-            if text is None:
+        for worker, parsed in self._pool.map(self._one, self.supervisor.endpoints()):
+            if parsed is None:
                 continue
             answered.add(worker.index)
-            for family in text_string_to_metric_families(text):
+            for family in parsed:
                 merged = families.get((family.name, family.type))
                 if merged is None:
                     merged = families[(family.name, family.type)] = Metric(family.name, family.documentation,
@@ -274,10 +292,8 @@ class WorkersCollector:
                 merged.samples.extend(s._replace(labels={**s.labels, "worker": str(worker.index)})
                                       for s in family.samples)
         yield from families.values()
-        up = GaugeMetricFamily("nlpstream_worker_up", "1 when the worker's /metrics answered this scrape.",
-                               labels=["worker"])
-        restarts = CounterMetricFamily("nlpstream_worker_restarts", "Restarts of the worker after it failed.",
-                                       labels=["worker"])
+        up = GaugeMetricFamily(WORKER_UP, "1 when the worker's /metrics answered this scrape.", labels=["worker"])
+        restarts = CounterMetricFamily(WORKER_RESTARTS, "Restarts of the worker after it failed.", labels=["worker"])
         for worker in self.supervisor.workers:
             worker.up = worker.index in answered
             up.add_metric([str(worker.index)], 1.0 if worker.up else 0.0)
@@ -286,11 +302,14 @@ class WorkersCollector:
         yield restarts
 
 
-def worker_command(config_file: Path | None, overrides: dict[str, Any], verbose: bool) -> Callable[[int], list[str]]:
-    """The command line of a worker given its /metrics port: ``nlpstream stream-worker`` with the same settings."""
+def worker_command(config_file: Path | None, overrides: dict[str, Any], verbose: bool,
+                   metrics: bool = True) -> Callable[[int], list[str]]:
+    """The command line of a worker given its /metrics port: ``nlpstream stream-worker`` with the same settings
+    (``metrics`` False: the supervisor serves no /metrics, so neither does the worker)."""
 
     def command(port: int) -> list[str]:
-        mine = {**overrides, "metrics.metrics_port": port, "metrics.metrics_host": "127.0.0.1"}
+        # without metrics the worker reads metrics_port null from the same config (None overrides are ignored)
+        mine = {**overrides, "metrics.metrics_port": port, "metrics.metrics_host": "127.0.0.1"} if metrics else overrides
         return [sys.executable, "-m", "nlpstream.jobs.cli", "stream-worker", "--overrides", json.dumps(mine),
                 *(("--config", str(config_file)) if config_file is not None else ()), *(("-v",) if verbose else ())]
 
@@ -308,9 +327,10 @@ def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], wor
 
     from nlpstream.jobs.metrics import start_metrics_server
 
+    serve = cfg.metrics.metrics_port is not None
     supervisor = Supervisor([
-        Worker(i, worker_command(config_file, {**overrides, "model.devices": devices}, verbose),
-               dict(os.environ, **{WORKER_ENV: str(i), SUPERVISOR_ENV: str(os.getpid())}))
+        Worker(i, worker_command(config_file, {**overrides, "model.devices": devices}, verbose, metrics=serve),
+               dict(os.environ, **{WORKER_ENV: str(i), SUPERVISOR_ENV: str(os.getpid())}), serves_metrics=serve)
         for i, devices in enumerate(worker_devices(cfg.model.devices, workers))])
     server = None
     if cfg.metrics.metrics_port is not None:

@@ -29,7 +29,10 @@ ABSENT_WHEN_HEALTHY = {"nlpstream_inference_device_token_cap"}
 
 
 def exported_names() -> set[str]:
-    names = set()
+    """Every series the jobs export, and the supervisor's own (``stream --workers``)."""
+    from nlpstream.jobs.supervisor import WORKER_RESTARTS, WORKER_UP
+
+    names = {WORKER_UP, WORKER_RESTARTS + "_total"}
     for family in REGISTRY.collect():
         for suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"):
             names.add(family.name + suffix)

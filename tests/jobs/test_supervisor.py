@@ -88,6 +88,17 @@ def test_a_failed_worker_is_restarted_and_a_finished_one_is_not(tmp_path: Path, 
     assert workers[0].backoff == 0.8  # doubled at each quick failure
 
 
+def test_a_worker_failing_again_and_again_at_start_up_stops_every_worker(monkeypatch: Any) -> None:
+    monkeypatch.setattr(sup, "LONGEST_BACKOFF_S", 0.1)
+    workers = [Worker(0, _python("import sys; sys.exit(1)"), dict(os.environ), backoff=0.05),
+               Worker(1, _python(_SLEEPER), dict(os.environ))]
+    start = time.monotonic()
+    assert Supervisor(workers, poll_s=0.05).run() == 1
+    assert time.monotonic() - start < 60
+    assert workers[0].restarts == sup.CRASH_LOOP_LIMIT - 1 and workers[0].quick_failures == sup.CRASH_LOOP_LIMIT
+    assert workers[1].exit_code == 0
+
+
 def test_a_configuration_exit_stops_every_worker_and_is_the_supervisors_exit(tmp_path: Path) -> None:
     workers = [Worker(0, _python("import sys, time; time.sleep(0.5); sys.exit(2)"), dict(os.environ)),
                Worker(1, _python(_SLEEPER), dict(os.environ))]
@@ -157,7 +168,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_one_metrics_page_serves_every_workers_series_with_a_worker_label() -> None:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+    from prometheus_client.openmetrics import exposition as om
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
     from prometheus_client.parser import text_string_to_metric_families
 
     servers, workers = [], []
@@ -165,6 +178,7 @@ def test_one_metrics_page_serves_every_workers_series_with_a_worker_label() -> N
         registry = CollectorRegistry()
         Counter("demo_messages_total", "Messages.", ["topic"], registry=registry).labels("a").inc(10 + i)
         Gauge("demo_lag", "Lag.", registry=registry).set(5 * i)
+        Histogram("demo_seconds", "Time.", registry=registry, buckets=(0.1, 1.0)).observe(0.5)
         server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
         servers.append(server)
         worker = Worker(i, _python(_SLEEPER), dict(os.environ))
@@ -173,13 +187,20 @@ def test_one_metrics_page_serves_every_workers_series_with_a_worker_label() -> N
         workers.append(worker)
     dead = Worker(2, _python(_SLEEPER), dict(os.environ))
     dead.start()  # answers nothing on its port
-    workers.append(dead)
+    garbled = Worker(3, _python(_SLEEPER), dict(os.environ))
+    garbled.start()  # answers with a page cut off mid-line
+    workers += [dead, garbled]
     supervisor = Supervisor(workers)
     workers[1].restarts = 3
+
+    def fetch(port: int) -> str:
+        return 'demo_messages_total{topic="a' if port == garbled.port else sup.scrape(port)
+
     try:
         merged = CollectorRegistry(auto_describe=False)
-        merged.register(WorkersCollector(supervisor))
+        merged.register(WorkersCollector(supervisor, fetch=fetch))
         text = generate_latest(merged).decode()
+        openmetrics = om.generate_latest(merged).decode()  # what Prometheus asks for first
     finally:
         supervisor.kill_all()
         for server in servers:
@@ -192,11 +213,18 @@ def test_one_metrics_page_serves_every_workers_series_with_a_worker_label() -> N
     assert samples[("demo_lag", (("worker", "1"),))] == 5
     assert samples[("nlpstream_worker_up", (("worker", "0"),))] == 1
     assert samples[("nlpstream_worker_up", (("worker", "2"),))] == 0
+    assert samples[("nlpstream_worker_up", (("worker", "3"),))] == 0  # one bad page spoils only its worker's series
+    assert not any(dict(labels).get("worker") == "3" for name, labels in samples if name.startswith("demo"))
+    assert samples[("demo_seconds_bucket", (("le", "1.0"), ("worker", "1")))] == 1
     assert samples[("nlpstream_worker_restarts_total", (("worker", "1"),))] == 3
     assert text.count("# TYPE demo_messages_total counter") == 1  # one family, both workers' samples
     from tests.test_deploy import promtool_check_metrics
 
     promtool_check_metrics(text)
+    om_samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for family in om_families(openmetrics) for s in family.samples}  # the strict parser accepts it
+    assert om_samples[("demo_messages_total", (("topic", "a"), ("worker", "1")))] == 11
+    assert ("demo_messages_created", (("topic", "a"), ("worker", "0"))) in om_samples
 
 
 def test_two_workers_under_one_supervisor_label_every_message_once_through_a_kill_9(
@@ -227,7 +255,9 @@ def test_two_workers_under_one_supervisor_label_every_message_once_through_a_kil
         produce(kafka_bootstrap, topic, json_messages(200, prefix="b"))
         wait_for(lambda: rows_in(out) >= 600, 240, "all 600 rows", proc)
         assert _scrape(port, "nlpstream_worker_restarts_total") == {"0": 1.0, "1": 0.0}
-        assert _scrape(port, "nlpstream_worker_up") == {"0": 1.0, "1": 1.0}
+        # the restarted worker answers once it has started up again (the other may have done all the work)
+        wait_for(lambda: _scrape(port, "nlpstream_worker_up") == {"0": 1.0, "1": 1.0}, 60,
+                 "both workers' /metrics to answer", proc)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]

@@ -191,23 +191,29 @@ def _job_process() -> None:
     cfg.metrics.metrics_port = None
     engine = StandInEngine()
     print("ready", flush=True)
-    sys.stdin.readline()  # every process imported and configured: they join the group together
+    if sys.stdin.readline() != "go\n":  # every process imported and configured: they join the group together
+        return
     StreamJob(cfg, engine=engine).run()
     print(json.dumps([engine.first, engine.last, engine.texts]), flush=True)
 
 
-def _jobs_in_processes(bootstrap: str, topic: str, processes: int, out: Path) -> tuple[float, int]:
+def _jobs_in_processes(bootstrap: str, topic: str, messages: int, processes: int, out: Path) -> tuple[float, int]:
     """The confluent job as ``processes`` processes of one group (what ``--workers`` runs), instant engines.
 
-    Returns (messages/s from the first engine call of any process to the last, messages labeled).
+    Returns (the topic's ``messages`` over the time from the first engine call of any process to the last;
+    the rows in the output, which should be ``messages``). The clocks are ``time.perf_counter``, which is
+    the system-wide monotonic clock on Linux, so the processes' times compare.
     """
     import subprocess
     import sys
+
+    import pyarrow.dataset as ds
 
     group = f"bench-{uuid.uuid4().hex[:8]}"
     code = "from nlpstream.jobs.pipeline_bench import _job_process; _job_process()"
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([bootstrap, topic, group, str(out)])],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    ends = []
     try:
         for proc in procs:
             if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
@@ -215,7 +221,6 @@ def _jobs_in_processes(bootstrap: str, topic: str, processes: int, out: Path) ->
         for proc in procs:
             proc.stdin.write("go\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
-        ends = []
         for proc in procs:
             line = proc.stdout.readline()  # type: ignore[union-attr]
             if not line:
@@ -223,15 +228,16 @@ def _jobs_in_processes(bootstrap: str, topic: str, processes: int, out: Path) ->
             ends.append(json.loads(line))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            proc.stdin.close()  # type: ignore[union-attr]  # one that waits for "go" ends at end of file
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     firsts = [first for first, _, texts in ends if first is not None and texts]
-    texts = sum(t for _, _, t in ends)
     window = max(last for _, last, _ in ends) - min(firsts) if firsts else 0.0
-    return (texts / window if window > 0 else 0.0), texts
+    rows = ds.dataset(str(out), format="parquet", partitioning="hive").count_rows()
+    return (messages / window if window > 0 else 0.0), rows
 
 
 def _engine_host_side(texts: list[str], rounds: int = 3) -> dict[str, float]:
@@ -419,7 +425,7 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
         with tempfile.TemporaryDirectory() as tmp:
             # alternating rounds, best of each: the bare consumer's figure swings with the machine's load
             bare, best = 0.0, {"kafka-python": StandInEngine(), "confluent": StandInEngine()}
-            several, several_texts = 0.0, 0
+            several, several_rows = 0.0, 0
             for r in range(rounds):
                 bare = max(bare, _bare_consumer_rate(bootstrap, topic, messages))
                 for client in best:
@@ -428,9 +434,9 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
                     if engine.rate() > best[client].rate():
                         best[client] = engine
                 if processes > 1:
-                    rate, texts_done = _jobs_in_processes(bootstrap, topic, processes,
+                    rate, rows_done = _jobs_in_processes(bootstrap, topic, messages, processes,
                                                           Path(tmp) / f"processes-{r}")
-                    several, several_texts = (rate, texts_done) if rate > several else (several, several_texts)
+                    several, several_rows = (rate, rows_done) if rate > several else (several, several_rows)
             instant, confluent = best["kafka-python"], best["confluent"]
             result["bare_confluent_consumer_msgs_per_s"] = round(bare, 1)
             echo(f"  bare confluent-kafka consumer        {bare:>10.1f} msg/s (best of {rounds})")
@@ -447,7 +453,7 @@ def run_pipeline_bench(bootstrap: str | None = None, messages: int = 200_000, pa
             if processes > 1:
                 result["job_instant_confluent_processes"] = processes
                 result["job_instant_confluent_processes_msgs_per_s"] = round(several, 1)
-                result["job_instant_confluent_processes_messages"] = several_texts
+                result["job_instant_confluent_processes_rows_written"] = several_rows
                 result["job_instant_confluent_processes_vs_bare_consumer"] = round(several / bare, 3)
                 result["job_instant_confluent_processes_vs_one_process"] = round(several / confluent.rate(), 3)
                 echo(f"  the same, {processes} processes in one group {several:>10.1f} msg/s "

@@ -19,7 +19,7 @@ def test_pipeline_bench_reports_every_figure(kafka_bootstrap):
                 "decode_json_columns_records_per_s", "job_instant_confluent_processes_msgs_per_s"):
         assert out[key] > 0, key
     assert out["job_instant_confluent_processes"] == 2
-    assert out["job_instant_confluent_processes_messages"] == 3000  # the two processes labeled the topic once
+    assert out["job_instant_confluent_processes_rows_written"] == 3000  # the two processes wrote each message once
     for key in ("simulated_device_busy_share", "simulated_device_busy_share_unpipelined",
                 "simulated_device_busy_share_flush_on_loop"):
         assert 0 < out[key] <= 1.05, key

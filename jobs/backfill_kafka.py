@@ -190,12 +190,12 @@ class KafkaBackfill:
         for start in range(0, len(good), CLASSIFY_CHUNK):
             part = good.select(list(range(start, min(start + CLASSIFY_CHUNK, len(good)))))
             now_ms = int(time.time() * 1000)
-            tracker.advance(len(part))
             failed, part, results = split_failed(part, _classify_each(engine, part.texts))
             for record, exc in failed:
                 error_class, message, reason = inference_failure(exc)
                 self._dlq.send(record, error_class, message)
                 dead[reason] += 1
+            tracker.advance(len(failed) + len(part))
             if len(part):
                 columns = labeled_columns(part, results, now_ms, engine.model_name, one_topic=True)
                 chunks.append(columns.chunk)

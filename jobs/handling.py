@@ -18,7 +18,6 @@ from nlpstream.consumers import DecodeError, DecodeSettings, InputRecord, decode
 from nlpstream.consumers.decode import fast_json_fields, id_text
 from nlpstream.consumers.records import DecodedText
 from nlpstream.inference import Prediction
-from nlpstream.sinks import OutputRow
 from nlpstream.sinks.chunks import columns_chunk
 
 _VALUE, _F0, _F1 = attrgetter("value"), attrgetter("f0"), attrgetter("f1")

@@ -155,7 +155,7 @@ def wire(cfg: StreamConfig, engine: Engine | None) -> Parts:
             except (KafkaError, OSError) as exc:
                 raise KafkaUnavailableError(f"alert producer: {connect_error(conn, exc)}") from exc
             built.callback(alert_producer.close)
-            alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic, resend_failed))
+            alert_sinks.append(KafkaAlertSink(alert_producer, cfg.alerts.alert_topic, resend=resend_failed))
         built.pop_all()  # every part built: the job closes them
     settings = ConsumerSettings(
         topics=tuple(cfg.kafka.topics), group_id=cfg.kafka.group_id,

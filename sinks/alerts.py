@@ -147,8 +147,8 @@ class KafkaAlertSink:
     sinks and consumers do not import each other).
     """
 
-    def __init__(self, producer: Any, topic: str, resend: Callable[[Any, str, list[Any], float], Any],
-                 flush_timeout_s: float = 30.0) -> None:
+    def __init__(self, producer: Any, topic: str, flush_timeout_s: float = 30.0, *,
+                 resend: Callable[[Any, str, list[Any], float], Any]) -> None:
         self.producer = producer
         self.topic = topic
         self._resend = resend

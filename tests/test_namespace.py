@@ -35,9 +35,13 @@ def test_consumers_inference_and_sinks_never_import_each_other():
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and not node.level:  # from nlpstream import sinks, too
-                    names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "nlpstream" \
-                        else [node.module or ""]
+                elif isinstance(node, ast.ImportFrom):
+                    module = node.module or ""
+                    if node.level:  # relative: from the file's package up (level - 1) steps
+                        here = ["nlpstream", *path.relative_to(ROOT).with_suffix("").parts[:-1]]
+                        module = ".".join(here[:len(here) - node.level + 1] + ([module] if module else []))
+                    # from nlpstream import sinks names the package in the imported names
+                    names = [f"{module}.{a.name}" for a in node.names] if module == "nlpstream" else [module]
                 else:
                     continue
                 for name in names:

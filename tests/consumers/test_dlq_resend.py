@@ -57,7 +57,7 @@ def test_a_failed_dead_letter_is_sent_again_and_the_retry_waits_only_for_that():
 def test_a_failed_kafka_alert_is_sent_again():
     alert = Alert("a1", "r", "message", "t", 0, 0, "m", None, 1)
     producer = FakeProducer(failing={alert.to_json().encode()})
-    sink = KafkaAlertSink(producer, "alerts", resend_failed)
+    sink = KafkaAlertSink(producer, "alerts", resend=resend_failed)
     sink.write([alert])
     with pytest.raises(SinkWriteError):
         sink.flush()

@@ -153,7 +153,7 @@ def labeled_columns(good: DecodedBatch, results: list[Prediction], processed_at_
     for name in names:
         each = [r.heads[name] for r in results]  # type: ignore[attr-defined]
         heads[name] = ([h.label for h in each], [h.score for h in each])
-    topics = [records[0].topic] * len(records) if one_topic else list(map(_TOPIC, records))
+    topics = records[0].topic if one_topic else list(map(_TOPIC, records))
     chunk = columns_chunk(topics, list(map(_PARTITION, records)), list(map(_OFFSET, records)), good.ids, good.texts,
                           labels, scores, event_times, processed_at_ms, model, heads)
     return LabeledColumns(chunk, labels, scores, event_times, heads)

@@ -46,12 +46,14 @@ def head_names(chunk: pa.Table) -> list[str]:
     return [n.removesuffix("_label") for n in chunk.column_names[len(_BASE):-len(_TAIL)] if n.endswith("_label")]
 
 
-def columns_chunk(topics: list[str], partitions: list[int], offsets: list[int], ids: list[str], texts: list[str],
+def columns_chunk(topics: list[str] | str, partitions: list[int], offsets: list[int], ids: list[str], texts: list[str],
                   labels: list[str], scores: list[float], event_times: Sequence[int] | np.ndarray, processed_at_ms: int, model: str,
                   heads: dict[str, tuple[list[str], list[float]]] | None = None) -> pa.Table:
-    """A chunk from a batch's columns (equal lengths; ``heads``: name -> (labels, scores), in model order)."""
+    """A chunk from a batch's columns (equal lengths; ``topics`` one string when every row has that topic;
+    ``heads``: name -> (labels, scores), in model order)."""
     n = len(offsets)
-    arrays = [pa.array(topics, pa.string()), pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64()),
+    topic_array = _repeated(topics, n) if isinstance(topics, str) else pa.array(topics, pa.string())
+    arrays = [topic_array, pa.array(partitions, pa.int32()), pa.array(offsets, pa.int64()),
               pa.array(ids, pa.string()), pa.array(texts, pa.string()), pa.array(labels, pa.string()),
               pa.array(scores, pa.float32())]
     names = list(heads or ())
@@ -59,8 +61,13 @@ def columns_chunk(topics: list[str], partitions: list[int], offsets: list[int], 
         head_labels, head_scores = heads[name]  # type: ignore[index]
         arrays += [pa.array(head_labels, pa.string()), pa.array(head_scores, pa.float32())]
     arrays += [pa.array(event_times, pa.int64()), pa.array(np.full(n, processed_at_ms, dtype=np.int64)),
-               pa.array([model] * n, pa.string())]
+               _repeated(model, n)]
     return pa.Table.from_arrays(arrays, schema=chunk_schema(names))
+
+
+def _repeated(value: str, n: int) -> pa.Array:
+    """``n`` times ``value`` as a string array, built in Arrow (a third of the time of a list of n strings)."""
+    return pa.repeat(pa.scalar(value, pa.string()), n)
 
 
 def rows_chunk(rows: Sequence[OutputRow]) -> pa.Table:

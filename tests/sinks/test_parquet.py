@@ -157,7 +157,9 @@ def test_chunks_and_rows_of_interleaved_topics_partitions_and_days_land_sorted_i
     sink.write_chunk(columns_chunk(topics, partitions, offsets, [f"i{o}" for o in offsets], [f"t{o}" for o in offsets],
                                    ["pos"] * 6, [0.5] * 6, times, DAY2, "m"))
     sink.write([row("a", 1, 9, DAY2), row("a", 0, 7), row("c", 2, 1)])
-    sink.write_chunk(columns_chunk(["a"], [0], [8], ["i8"], ["t8"], ["neg"], [0.25], [DAY1], DAY2, "m"))
+    one_topic = columns_chunk("a", [0], [8], ["i8"], ["t8"], ["neg"], [0.25], [DAY1], DAY2, "m")  # every row "a"
+    assert one_topic.equals(columns_chunk(["a"], [0], [8], ["i8"], ["t8"], ["neg"], [0.25], [DAY1], DAY2, "m"))
+    sink.write_chunk(one_topic)
     assert sink.buffered == 10
     assert sink.discard("c", 2) == 1 and sink.buffered == 9
     files = sink.flush()

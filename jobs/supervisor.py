@@ -141,7 +141,8 @@ class Worker:
 
     def start(self) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(self.command(self.port), env=self.env)
+        # its own session: a terminal's Ctrl-C reaches the supervisor only, which stops the workers in order
+        self.proc = subprocess.Popen(self.command(self.port), env=self.env, start_new_session=True)
         self.started = time.monotonic()
         self.restart_at = None
         log.info("worker %d started (pid %d%s)", self.index, self.proc.pid,
@@ -175,7 +176,7 @@ class Supervisor:
                 self._signal_all(signal.SIGTERM)
             with self._lock:
                 for worker in self.workers:
-                    code = self._check(worker, now, stopping)
+                    code = self._check(worker, now, stopping or fatal is not None)  # none restarts after a fatal
                     fatal = code if fatal is None else fatal
                 if all(w.exit_code is not None for w in self.workers):
                     break
@@ -193,7 +194,12 @@ class Supervisor:
             if stopping:
                 worker.exit_code, worker.restart_at = 0, None
             elif worker.restart_at is not None and now >= worker.restart_at:
-                worker.start()
+                try:
+                    worker.start()
+                except OSError as exc:  # no process could be made (fork: EAGAIN, ENOMEM): a quick failure
+                    log.warning("worker %d could not be started: %s", worker.index, exc)
+                    worker.proc, worker.started = None, now
+                    return self._failed(worker, now, 1)
             return None
         code = worker.proc.poll()
         if code is None:
@@ -209,6 +215,10 @@ class Supervisor:
             worker.exit_code = code
             log.error("worker %d exited with %d (a configuration mistake): stopping every worker", worker.index, code)
             return code
+        return self._failed(worker, now, code)
+
+    def _failed(self, worker: Worker, now: float, code: int) -> int | None:
+        """Schedule a failed worker's restart after its back-off, or end the run after a crash loop."""
         ran = now - worker.started
         worker.quick_failures = 0 if ran >= HEALTHY_AFTER_S else worker.quick_failures + 1
         if worker.quick_failures >= CRASH_LOOP_LIMIT:  # a model that cannot load, an unusable output...

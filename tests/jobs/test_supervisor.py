@@ -99,6 +99,19 @@ def test_a_worker_failing_again_and_again_at_start_up_stops_every_worker(monkeyp
     assert workers[1].exit_code == 0
 
 
+def test_a_restart_that_cannot_make_a_process_counts_as_a_quick_failure(monkeypatch: Any) -> None:
+    monkeypatch.setattr(sup, "LONGEST_BACKOFF_S", 0.1)
+    calls: list[int] = []
+
+    def command(port: int) -> list[str]:  # runs once and fails, then no process can be made
+        calls.append(port)
+        return [sys.executable, "-c", "import sys; sys.exit(1)"] if len(calls) == 1 else ["/nonexistent/worker"]
+
+    worker = Worker(0, command, dict(os.environ), backoff=0.05)
+    assert Supervisor([worker], poll_s=0.05).run() == 1  # no traceback: the crash-loop limit ends it
+    assert len(calls) == sup.CRASH_LOOP_LIMIT and worker.quick_failures == sup.CRASH_LOOP_LIMIT
+
+
 def test_a_configuration_exit_stops_every_worker_and_is_the_supervisors_exit(tmp_path: Path) -> None:
     workers = [Worker(0, _python("import sys, time; time.sleep(0.5); sys.exit(2)"), dict(os.environ)),
                Worker(1, _python(_SLEEPER), dict(os.environ))]

@@ -204,6 +204,8 @@ def _jobs_in_processes(bootstrap: str, topic: str, messages: int, processes: int
     the rows in the output, which should be ``messages``). The clocks are ``time.perf_counter``, which is
     the system-wide monotonic clock on Linux, so the processes' times compare.
     """
+    import contextlib
+    import select
     import subprocess
     import sys
 
@@ -211,26 +213,37 @@ def _jobs_in_processes(bootstrap: str, topic: str, messages: int, processes: int
 
     group = f"bench-{uuid.uuid4().hex[:8]}"
     code = "from nlpstream.jobs.pipeline_bench import _job_process; _job_process()"
-    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps([bootstrap, topic, group, str(out)])],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    deadline = time.monotonic() + 600
+
+    def line_of(proc: subprocess.Popen[str]) -> str:
+        """The process's next line on stdout, or "" when it ended or the bench's 10 minutes are up."""
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        return proc.stdout.readline() if ready else ""  # type: ignore[union-attr]
+
+    procs: list[subprocess.Popen[str]] = []
     ends = []
     try:
+        for _ in range(processes):
+            procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps([bootstrap, topic, group, str(out)])],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for proc in procs:
-            if proc.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
-                raise RuntimeError(f"a bench job process failed to start (exit {proc.wait(60)})")
+            if line_of(proc).strip() != "ready":
+                raise RuntimeError(f"a bench job process failed to start (exit {proc.poll()})")
         for proc in procs:
             proc.stdin.write("go\n")  # type: ignore[union-attr]
             proc.stdin.flush()  # type: ignore[union-attr]
         for proc in procs:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
+            line = line_of(proc)
             if not line:
-                raise RuntimeError(f"a bench job process failed (exit {proc.wait(60)})")
+                raise RuntimeError(f"a bench job process failed or took too long (exit {proc.poll()})")
             ends.append(json.loads(line))
     finally:
         for proc in procs:
-            proc.stdin.close()  # type: ignore[union-attr]  # one that waits for "go" ends at end of file
+            with contextlib.suppress(OSError):  # one that died leaves a broken pipe
+                proc.stdin.close()  # type: ignore[union-attr]  # one that waits for "go" ends at end of file
+        for proc in procs:
             try:
-                proc.wait(60)
+                proc.wait(60 if ends else 5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -121,10 +121,11 @@ def stream(
         from nlpstream.jobs.metrics import MetricsPortError
         from nlpstream.jobs.supervisor import supervise, worker_devices
 
-        for devices in sorted(set(worker_devices(cfg.model.devices, cfg.workers))):  # fail once, not per worker
-            _preflight(cfg.model.model, devices, cfg.model.precision)
+        devices = worker_devices(cfg.model.devices, cfg.workers)
+        for each in sorted(set(devices)):  # fail once, not once a worker
+            _preflight(cfg.model.model, each, cfg.model.precision)
         try:
-            code = supervise(cfg, config, overrides, cfg.workers, verbose)
+            code = supervise(cfg, config, overrides, devices, verbose)
         except MetricsPortError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None

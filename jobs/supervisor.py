@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nlpstream.consumers.kafka_local import free_port  # a worker that loses its port to a race exits 1: restarted
 
 log = logging.getLogger("nlpstream.supervisor")
 
@@ -95,13 +96,6 @@ def gpu_count() -> int:
         return 0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (a worker that loses it to a race exits 1 and is restarted on another)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def set_parent_death_signal() -> None:
     """In a worker: have the kernel send SIGTERM when the supervisor dies (Linux; elsewhere nothing).
 
@@ -136,7 +130,6 @@ class Worker:
     backoff: float = FIRST_BACKOFF_S
     restart_at: float | None = None
     exit_code: int | None = None  # the final exit (no restart)
-    up: bool = False  # the last scrape of its /metrics answered
     serves_metrics: bool = True
 
     def start(self) -> None:
@@ -204,7 +197,6 @@ class Supervisor:
         code = worker.proc.poll()
         if code is None:
             return None
-        worker.up = False
         if stopping and code == -signal.SIGTERM:  # still starting when told to stop: its handler was not set yet
             code = 0
         if code == 0 or stopping:
@@ -247,11 +239,6 @@ class Supervisor:
                 if worker.proc is not None and worker.proc.poll() is None:
                     worker.proc.kill()
                     worker.proc.wait()
-
-    def pids(self) -> dict[int, int]:
-        """Worker index -> pid of its running process."""
-        with self._lock:
-            return {w.index: w.proc.pid for w in self.workers if w.proc is not None and w.proc.poll() is None}
 
     def endpoints(self) -> list[Worker]:
         """The running workers, for a scrape."""
@@ -305,8 +292,7 @@ class WorkersCollector:
         up = GaugeMetricFamily(WORKER_UP, "1 when the worker's /metrics answered this scrape.", labels=["worker"])
         restarts = CounterMetricFamily(WORKER_RESTARTS, "Restarts of the worker after it failed.", labels=["worker"])
         for worker in self.supervisor.workers:
-            worker.up = worker.index in answered
-            up.add_metric([str(worker.index)], 1.0 if worker.up else 0.0)
+            up.add_metric([str(worker.index)], 1.0 if worker.index in answered else 0.0)
             restarts.add_metric([str(worker.index)], float(worker.restarts))
         yield up
         yield restarts
@@ -331,19 +317,20 @@ def worker_devices(devices: str, workers: int) -> list[str]:
     return split_devices(expand_devices(devices, gpu_count() if workers > 1 else 0), workers)
 
 
-def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], workers: int, verbose: bool) -> int:
-    """Run ``workers`` stream workers of ``cfg`` (a loaded :class:`StreamConfig`) until done; the exit code."""
+def supervise(cfg: Any, config_file: Path | None, overrides: dict[str, Any], devices: list[str], verbose: bool) -> int:
+    """Run one stream worker of ``cfg`` (a loaded :class:`StreamConfig`) per entry of ``devices`` (each one's
+    ``model.devices``: :func:`worker_devices`) until done; the exit code."""
     from prometheus_client import CollectorRegistry
 
     from nlpstream.jobs.metrics import start_metrics_server
 
     serve = cfg.metrics.metrics_port is not None
     supervisor = Supervisor([
-        Worker(i, worker_command(config_file, {**overrides, "model.devices": devices}, verbose, metrics=serve),
+        Worker(i, worker_command(config_file, {**overrides, "model.devices": mine}, verbose, metrics=serve),
                dict(os.environ, **{WORKER_ENV: str(i), SUPERVISOR_ENV: str(os.getpid())}), serves_metrics=serve)
-        for i, devices in enumerate(worker_devices(cfg.model.devices, workers))])
+        for i, mine in enumerate(devices)])
     server = None
-    if cfg.metrics.metrics_port is not None:
+    if serve:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(WorkersCollector(supervisor))
         server = start_metrics_server(cfg.metrics.metrics_host, cfg.metrics.metrics_port, registry)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from nlpstream.consumers.kafka_local import free_port
 from nlpstream.jobs import supervisor as sup
 from nlpstream.jobs.supervisor import Supervisor, Worker, WorkersCollector, split_devices
 from tests.conftest import json_messages, produce
@@ -157,7 +158,7 @@ def test_workers_die_with_a_supervisor_killed_with_minus_9(tmp_path: Path) -> No
         workers = [Worker(i, lambda port: [sys.executable, "-c", code], env) for i in range(2)]
         s = Supervisor(workers)
         import threading
-        threading.Timer(1.0, lambda: print(*s.pids().values(), flush=True)).start()
+        threading.Timer(1.0, lambda: print(*(w.proc.pid for w in workers), flush=True)).start()
         s.run()
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
@@ -246,7 +247,7 @@ def test_two_workers_under_one_supervisor_label_every_message_once_through_a_kil
     out, log = tmp_path / "out", tmp_path / "supervisor.log"
     first = json_messages(400, prefix="a")
     produce(kafka_bootstrap, topic, first)
-    port = sup.free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", NLPSTREAM_KAFKA__SESSION_TIMEOUT_MS="6000")
     with open(log, "w") as sink:
         proc = subprocess.Popen(

@@ -159,16 +159,23 @@ def _bare_consumer_rate(bootstrap: str, topic: str, n: int) -> float:
     return (seen - first_count) / (end - first) if first and end > first and seen > first_count else 0.0
 
 
+def _job_config(bootstrap: str, topic: str, group: str, out: Path | str, **settings: Any) -> Any:
+    """The bench's stream job settings (no /metrics) with dotted ``settings`` on top."""
+    from nlpstream.jobs.config import StreamConfig, load_config
+
+    cfg = load_config(StreamConfig, None, {"kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic],
+                                           "kafka.group_id": group, "output.output": str(out), **settings})
+    cfg.metrics.metrics_port = None
+    return cfg
+
+
 def _run_job(bootstrap: str, topic: str, n: int, engine: Any, out: Path, depth: int | None = None,
              client: str = "kafka-python", background_flush: bool = True) -> Any:
-    from nlpstream.jobs.config import StreamConfig, load_config
     from nlpstream.jobs.stream import StreamJob
 
-    cfg = load_config(StreamConfig, None, {
-        "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": f"bench-{uuid.uuid4().hex[:8]}",
-        "output.output": str(out), "max_messages": n, "idle_timeout": 60.0, "pipeline_depth": depth,
-        "kafka.client": client, "output.background_flush": background_flush})
-    cfg.metrics.metrics_port = None
+    cfg = _job_config(bootstrap, topic, f"bench-{uuid.uuid4().hex[:8]}", out, **{
+        "max_messages": n, "idle_timeout": 60.0, "pipeline_depth": depth, "kafka.client": client,
+        "output.background_flush": background_flush})
     return StreamJob(cfg, engine=engine).run()
 
 
@@ -181,14 +188,10 @@ def _job_process() -> None:
     """
     import sys
 
-    from nlpstream.jobs.config import StreamConfig, load_config
     from nlpstream.jobs.stream import StreamJob
 
     bootstrap, topic, group, out = json.loads(sys.argv[1])
-    cfg = load_config(StreamConfig, None, {
-        "kafka.bootstrap_servers": bootstrap, "kafka.topics": [topic], "kafka.group_id": group,
-        "output.output": out, "idle_timeout": 2.0, "kafka.client": "confluent"})
-    cfg.metrics.metrics_port = None
+    cfg = _job_config(bootstrap, topic, group, out, **{"idle_timeout": 2.0, "kafka.client": "confluent"})
     engine = StandInEngine()
     print("ready", flush=True)
     if sys.stdin.readline() != "go\n":  # every process imported and configured: they join the group together

@@ -316,12 +316,15 @@ class ParquetSink(RowBuffer):
     def _encode(self, table: Any) -> bytes:
         """The whole Parquet file in memory: a failure while encoding never reaches the storage."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=self.compression, use_dictionary=_dictionary_columns(table))
+        self._write_table(table, sink)
         return sink.getvalue().to_pybytes()
 
+    def _write_table(self, table: Any, where: Any) -> None:
+        """``table`` as Parquet into ``where`` (a file object or Arrow stream), as every file of this sink is written."""
+        pq.write_table(table, where, compression=self.compression, use_dictionary=_dictionary_columns(table))
+
     def _write_local(self, table: Any, temp: str, final: str, folder: str) -> None:
-        write_durably(temp, final, lambda fh: pq.write_table(table, fh, compression=self.compression,
-                                                            use_dictionary=_dictionary_columns(table)), folder)
+        write_durably(temp, final, lambda fh: self._write_table(table, fh), folder)
 
     def _cleanup(self, temp: str) -> None:
         try:
